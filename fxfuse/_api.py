@@ -1,0 +1,345 @@
+"""``reparametrize``: trace → prove-in-float64 → rewrite to a fixed point → verify (with rollback) → cast back."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
+
+from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
+from ._errors import FusionError
+from ._registry import RewriteContext, Rule, RuleLike, resolve_rules, run_rules
+from ._report import FusionReport, GraphStats, Unfused
+from ._trace import Call, capture_calls, trace
+from ._verify import Comparison, compare, first_bad_rewrite
+
+
+@dataclass
+class _Options:
+    rules: List[Rule]
+    verify: bool
+    rtol: Optional[float]
+    atol: float
+    max_rollbacks: int
+
+
+class _DtypePlan:
+    """Target dtype of every floating tensor once the float64 computation is done (identity-keyed, with the
+    tensor kept alive so ids cannot be reused)."""
+
+    def __init__(self) -> None:
+        self._plan: Dict[int, Tuple[Tensor, torch.dtype]] = {}
+
+    def record(self, t: Tensor, dtype: torch.dtype) -> None:
+        self._plan[id(t)] = (t, dtype)
+
+    def as_id_map(self) -> Dict[int, torch.dtype]:
+        return {k: d for k, (_, d) in self._plan.items()}
+
+    def apply(self, root: nn.Module) -> None:
+        done: Dict[int, Tensor] = {}
+        for mod in root.modules():
+            for store in (mod._parameters, mod._buffers):
+                for key, t in list(store.items()):
+                    if t is None or id(t) not in self._plan or self._plan[id(t)][0] is not t:
+                        continue
+                    dtype = self._plan[id(t)][1]
+                    if t.dtype == dtype:
+                        continue
+                    if isinstance(t, nn.Parameter):
+                        if id(t) not in done:
+                            t.data = t.data.to(dtype)
+                            done[id(t)] = t
+                    else:
+                        store[key] = done.setdefault(id(t), t.to(dtype))
+
+
+def _cast_inputs(args: Any, dtype: torch.dtype) -> Any:
+    return tree_map(lambda a: a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a, args)
+
+
+def _normalize_inputs(example_input: Any) -> Tuple[Any, ...]:
+    if isinstance(example_input, Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input)
+    raise TypeError("example_input must be a tensor or a tuple/list of the model's positional inputs, got "
+                    f"{type(example_input).__name__}")
+
+
+def reparametrize(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    rtol: Optional[float] = None,
+    atol: float = 0.0,
+    rules: Optional[Sequence[RuleLike]] = None,
+    enable: Iterable[str] = (),
+    disable: Iterable[str] = (),
+    fallback: bool = True,
+    max_rollbacks: int = 8,
+) -> nn.Module:
+    """Return an eval-mode model equal to ``model`` with re-parameterizable structure collapsed into single convs.
+
+    The rewrite is computed on a float64 copy, checked there on ``example_input`` (``rtol`` default 1e-9 of the
+    output's max-abs), and cast back to each parameter's dtype; where float64 is impossible the model's dtype is
+    used with a looser, dtype-aware tolerance (:mod:`fxfuse._verify`). If the check fails, the rewrites that
+    changed the output are found by bisection, undone and reported; :class:`FusionError` is raised only when no
+    equal model can be produced. The input model is not modified unless ``inplace=True``.
+
+    Returns a ``torch.fx.GraphModule`` (or, for models that do not trace as a whole and ``fallback=True``, the
+    model with every traceable sub-module rewritten) carrying ``.fxfuse_report`` (:class:`FusionReport`).
+
+    ``rules``: the rules to run (names / :class:`Rule` / functions) instead of the enabled registered ones;
+    ``enable`` / ``disable``: rule names added to / removed from that set.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reparametrize expects a torch.nn.Module, got {type(model).__name__}")
+    args = _normalize_inputs(example_input)
+    opts = _Options(resolve_rules(rules, enable, disable), verify, rtol, atol, max_rollbacks)
+    start = time.perf_counter()
+    report = FusionReport()
+    if model.training:
+        warnings.warn("fxfuse.reparametrize: the model is in training mode; BatchNorm folding uses running "
+                      "statistics, so the result is an eval-mode model (compare it with model.eval()).",
+                      UserWarning, stacklevel=2)
+        report.warnings.append("input model was in training mode; result is in eval mode")
+    if not any(True for _ in model.parameters()) and not any(True for _ in model.buffers()) \
+            and not any(True for _ in model.children()):
+        warnings.warn("fxfuse.reparametrize: the model has no parameters or sub-modules; nothing to fuse",
+                      UserWarning, stacklevel=2)
+
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+
+    # float64 where the model allows it: the algebra is then exact to ~1e-13 and verification can be tight.
+    plan = _DtypePlan()
+    slot_dtypes = {(id(mod), key): t.dtype for mod, key, t in _slots(work)}
+    work.double()
+    run_args = _cast_inputs(args, torch.float64)
+    try:
+        with torch.no_grad():
+            reference = work(*run_args)
+    except Exception as exc64:  # noqa: BLE001 - any failure means float64 is not possible for this model
+        _cast_slots(work, slot_dtypes)
+        run_args = args
+        try:
+            with torch.no_grad():
+                reference = work(*run_args)
+        except Exception as exc:
+            raise ValueError(f"the model cannot run on example_input: {type(exc).__name__}: {exc}. Pass a tensor "
+                             "or a tuple of positional inputs that model(*inputs) accepts.") from exc
+        report.warnings.append(f"float64 copy impossible ({type(exc64).__name__}: {exc64}); verified in the "
+                               "model's dtype with a looser tolerance")
+    for mod, key, t in _slots(work):
+        plan.record(t, slot_dtypes[(id(mod), key)])
+
+    try:
+        gm = trace(work)
+    except Exception as exc:  # noqa: BLE001
+        if not fallback:
+            raise FusionError(f"model does not trace with torch.fx ({type(exc).__name__}: {exc}); "
+                              "pass fallback=True to rewrite its traceable sub-modules") from exc
+        result = _rewrite_submodules(work, run_args, reference, opts, plan, report, exc)
+    else:
+        result, sub_report = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
+        _merge_top(report, sub_report)
+
+    plan.apply(result)
+    result.eval()
+    report.pass_seconds = time.perf_counter() - start
+    result.fxfuse_report = report
+    return result
+
+
+def _slots(module: nn.Module):
+    """``(module, name, tensor)`` for every parameter and buffer slot."""
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    yield mod, key, t
+
+
+def _cast_slots(module: nn.Module, dtypes: Dict[Tuple[int, str], torch.dtype]) -> None:
+    """Give every slot back its recorded dtype (undoes ``.double()``; parameters keep their identity)."""
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in list(store.items()):
+                dtype = dtypes.get((id(mod), key))
+                if t is None or dtype is None or t.dtype == dtype:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    store[key] = t.to(dtype)
+
+
+def _merge_top(report: FusionReport, sub: FusionReport) -> None:
+    for name in ("fused", "unfused", "rolled_back", "applied", "before", "after", "verified", "verify_dtype",
+                 "max_abs_error", "max_rel_error", "tolerance"):
+        setattr(report, name, getattr(sub, name))
+    report.warnings.extend(sub.warnings)
+
+
+# ------------------------------------------------------------------------------------- one graph
+def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, plan: _DtypePlan,
+             deny: set, max_rewrites: Optional[int]) -> Tuple[fx.GraphModule, Any, RewriteContext]:
+    gm = trace(module)
+    ShapeProp(gm).propagate(*calls[0].args, **calls[0].kwargs) if not calls[0].kwargs else \
+        _shape_prop_kwargs(gm, calls[0])
+    default_dtype = _dominant_dtype(plan, module)
+    requires_grad = any(p.requires_grad for p in module.parameters())
+    ctx = RewriteContext(gm, plan.as_id_map(), default_dtype, requires_grad)
+    result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, result, ctx
+
+
+def _shape_prop_kwargs(gm: fx.GraphModule, call: Call) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(call.args)
+    for p in placeholders[len(values):]:
+        values.append(call.kwargs.get(p.target, p.args[0] if p.args else None))
+    ShapeProp(gm).propagate(*values)
+
+
+def _dominant_dtype(plan: _DtypePlan, module: nn.Module) -> torch.dtype:
+    ids = plan.as_id_map()
+    counts: Dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        d = ids.get(id(p), p.dtype)
+        if d.is_floating_point:
+            counts[d] = counts.get(d, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.get_default_dtype()
+
+
+def _check(gm: nn.Module, calls: Sequence[Call], opts: _Options) -> Comparison:
+    worst: Optional[Comparison] = None
+    for call in calls:
+        with torch.no_grad():
+            try:
+                out = gm(*call.args, **call.kwargs)
+            except Exception as exc:  # noqa: BLE001 - a rewrite that breaks execution is a failed check
+                return Comparison(False, float("inf"), float("inf"), 0.0, f"rewritten model raised {exc!r}")
+        cmp = compare(call.output, out, opts.rtol, opts.atol)
+        if not cmp.ok:
+            return cmp
+        if worst is None or cmp.max_rel >= worst.max_rel:
+            worst = cmp
+    return worst or Comparison(True, 0.0, 0.0, 0.0)
+
+
+def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence[Call], opts: _Options,
+                          plan: _DtypePlan) -> Tuple[fx.GraphModule, FusionReport]:
+    """Run the rules on ``module`` (already traceable), verify on ``calls``, roll back culprits."""
+    report = FusionReport()
+    report.before = GraphStats.of(gm)
+    deny: set = set()
+    rolled: List[str] = []
+    dtype = _leaf_dtype(calls[0].output)
+    for _ in range(opts.max_rollbacks + 1):
+        fused, result, ctx = _attempt(module, calls, opts, plan, deny, None)
+        if not opts.verify:
+            break
+        cmp = _check(fused, calls, opts)
+        if cmp.ok:
+            break
+        if not result.applied:
+            raise FusionError(f"rewritten model differs from the original even with no rewrite applied: "
+                              f"{cmp.detail}")
+
+        def passes(k: int) -> bool:
+            candidate, _, _ = _attempt(module, calls, opts, plan, deny, k)
+            return _check(candidate, calls, opts).ok
+
+        culprit = result.applied[first_bad_rewrite(result.applied, passes) - 1]
+        deny.add(culprit)
+        rolled.append(culprit)
+    else:
+        raise FusionError(f"could not produce an equal model after {opts.max_rollbacks} rollbacks: {cmp.detail}")
+    live = dict(fused.named_modules())
+    for name, dt in ctx.new_modules.items():
+        if name in live:
+            for t in live[name].parameters():
+                plan.record(t, dt)
+    report.fused = result.fused
+    report.unfused = result.unfused
+    report.applied = result.applied
+    report.rolled_back = rolled
+    report.after = GraphStats.of(fused)
+    if opts.verify:
+        report.verified = True
+        report.verify_dtype = str(dtype).replace("torch.", "")
+        report.max_abs_error, report.max_rel_error, report.tolerance = cmp.max_abs, cmp.max_rel, cmp.tolerance
+    if rolled:
+        report.warnings.append(f"{len(rolled)} rewrite(s) changed the outputs and were rolled back")
+    return fused, report
+
+
+def _leaf_dtype(output: Any) -> Optional[torch.dtype]:
+    from torch.utils._pytree import tree_leaves
+
+    for leaf in tree_leaves(output):
+        if isinstance(leaf, Tensor):
+            return leaf.dtype
+    return None
+
+
+# ------------------------------------------------------------------------ untraceable models
+def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: Any, opts: _Options,
+                        plan: _DtypePlan, report: FusionReport, trace_error: Exception) -> nn.Module:
+    """Descend the module tree; replace every largest sub-module that traces by its rewritten GraphModule,
+    verified on the inputs it received while ``work`` ran on the example input."""
+    report.traced_whole = False
+    report.submodules["<root>"] = f"not traced: {type(trace_error).__name__}: {str(trace_error).splitlines()[0]}"
+    calls = capture_calls(work, run_args)
+    done: Dict[int, nn.Module] = {}
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}.{name}" if prefix else name
+            if id(child) in done:
+                setattr(parent, name, done[id(child)])
+                continue
+            if not any(True for _ in child.children()):
+                continue  # a leaf: nothing inside to fuse
+            if id(child) not in calls:
+                report.submodules[path] = "not run on the example input; left as is"
+                continue
+            try:
+                gm = trace(child)
+            except Exception as exc:  # noqa: BLE001
+                report.submodules[path] = f"not traced: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                visit(child, path)
+                continue
+            try:
+                fused, sub = _rewrite_graph_module(child, gm, calls[id(child)], opts, plan)
+            except FusionError as exc:
+                report.submodules[path] = f"left as is: {exc}"
+                continue
+            report.submodules[path] = f"rewritten: {sub.total_fused} rewrites"
+            report.merge(path, sub)
+            done[id(child)] = fused
+            setattr(parent, name, fused)
+
+    visit(work, "")
+    if opts.verify:
+        with torch.no_grad():
+            out = work(*run_args)
+        cmp = compare(reference, out, opts.rtol, opts.atol)
+        report.verified, report.max_abs_error, report.max_rel_error = cmp.ok, cmp.max_abs, cmp.max_rel
+        report.tolerance, report.verify_dtype = cmp.tolerance, str(_leaf_dtype(reference)).replace("torch.", "")
+        if not cmp.ok:
+            raise FusionError(f"model with rewritten sub-modules differs from the original: {cmp.detail}")
+    return work

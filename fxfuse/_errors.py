@@ -1,0 +1,5 @@
+"""Exceptions raised by fxfuse."""
+
+
+class FusionError(RuntimeError):
+    """fxfuse cannot return a model equal to the input (untraceable model, failed verification, …)."""

@@ -1,0 +1,277 @@
+"""Fold math: small pure tensor functions on :class:`ConvSpec` / :class:`ChannelAffine`.
+
+No graph code lives here. Every function assumes its exactness condition holds; the ``why_not_*``
+functions state those conditions and return a reason string when one fails (``None`` when exact).
+All arithmetic is done in the dtype of the inputs (the pass feeds float64).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._spec import ChannelAffine, ConvSpec
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _bcast(v: Tensor, ndim: int) -> Tensor:
+    """``[C] -> [C, 1, ..., 1]`` so that it scales axis 0 of a tensor with ``ndim`` dims."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
+def input_channel_index(out_channels: int, in_per_group: int, groups: int, device=None) -> Tensor:
+    """``idx[o, j]``: the global input channel that weight entry ``W[o, j]`` of a grouped conv reads.
+
+    Output ``o`` belongs to group ``o // (C_out/g)``, whose inputs start at ``group · C_in/g``."""
+    group = torch.arange(out_channels, device=device) // (out_channels // groups)
+    return group[:, None] * in_per_group + torch.arange(in_per_group, device=device)[None, :]
+
+
+def _on(affine: ChannelAffine, like: Tensor) -> ChannelAffine:
+    """The affine's tensors on ``like``'s device and dtype."""
+    return ChannelAffine(affine.scale.to(like), affine.shift.to(like))
+
+
+# ------------------------------------------------------------------------------------------ BatchNorm
+def batchnorm_as_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> ChannelAffine:
+    """Eval BatchNorm: ``a = γ / sqrt(σ² + ε)``, ``c = β − a·μ`` (γ = 1, β = 0 when not affine)."""
+    inv_std = torch.rsqrt(running_var + eps)
+    scale = inv_std if weight is None else weight * inv_std
+    shift = -scale * running_mean
+    if bias is not None:
+        shift = shift + bias
+    return ChannelAffine(scale, shift)
+
+
+# ---------------------------------------------------------------------- affine after / before a layer
+def conv_then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec:
+    """``affine ∘ conv``: ``W' = a[o]·W[o]``, ``b' = a·b + c``.
+
+    For a transposed conv the output channel of ``W[i, j]`` is ``group(i)·C_out/g + j`` (fusion-notes §2.6)."""
+    w = spec.weight
+    affine = _on(affine, w)
+    if spec.transposed:
+        c_in, out_per_group = w.shape[0], w.shape[1]
+        in_per_group = c_in // spec.groups
+        out_idx = input_channel_index(c_in, out_per_group, spec.groups, w.device)
+        scale = affine.scale[out_idx].reshape(c_in, out_per_group, *([1] * spec.ndim))
+        new_w = w * scale
+    else:
+        new_w = w * _bcast(affine.scale, w.dim())
+    return spec.with_(weight=new_w, bias=affine.scale * spec.bias + affine.shift)
+
+
+def linear_then_affine(weight: Tensor, bias: Tensor, affine: ChannelAffine) -> tuple[Tensor, Tensor]:
+    """``affine ∘ linear``: ``W' = a[:, None]·W``, ``b' = a·b + c``."""
+    affine = _on(affine, weight)
+    return weight * affine.scale[:, None], affine.scale * bias + affine.shift
+
+
+def affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
+    """``conv ∘ affine``: ``W'[o, j] = W[o, j]·a[in(o, j)]``, ``b' = b + Σ_{j,taps} W[o, j]·c[in(o, j)]``.
+
+    Exact only when no zero padding is read (see :func:`why_not_affine_then_conv`)."""
+    w = spec.weight
+    affine = _on(affine, w)
+    idx = input_channel_index(w.shape[0], w.shape[1], spec.groups, w.device)
+    kernel_ones = [1] * spec.ndim
+    new_w = w * affine.scale[idx].reshape(*idx.shape, *kernel_ones)
+    taps_sum = w.sum(dim=tuple(range(2, w.dim())))
+    new_b = spec.bias + (taps_sum * affine.shift[idx]).sum(dim=1)
+    return spec.with_(weight=new_w, bias=new_b)
+
+
+def why_not_affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> Optional[str]:
+    """A per-channel affine before a conv folds exactly if the conv reads no zero padding, or if the shift is 0
+    (zero padding of ``a·x`` equals ``a·`` zero padding of ``x``)."""
+    if spec.transposed:
+        return "affine before a transposed conv is not folded (border outputs miss taps)"
+    if spec.padding_mode != "zeros" and any(spec.padding):
+        return f"conv padding_mode={spec.padding_mode!r}"
+    if any(spec.padding) and bool((affine.shift != 0).any()):
+        return "conv has zero padding but the affine before it has a nonzero shift (borders would change)"
+    return None
+
+
+def affine_then_linear(affine: ChannelAffine, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """``linear ∘ affine``: ``W' = W·a[None, :]``, ``b' = b + W @ c``."""
+    affine = _on(affine, weight)
+    return weight * affine.scale[None, :], bias + weight @ affine.shift
+
+
+# ------------------------------------------------------------------------- ops expressed as a conv
+def affine_as_conv(affine: ChannelAffine, ndim: int) -> ConvSpec:
+    """Per-channel affine as a depthwise 1x1 conv (groups = C)."""
+    c = affine.channels
+    weight = affine.scale.reshape(c, 1, *([1] * ndim))
+    return ConvSpec(weight, affine.shift.clone(), (1,) * ndim, (0,) * ndim, (1,) * ndim, c)
+
+
+def identity_as_conv(channels: int, ndim: int, dtype: torch.dtype = torch.float64, device=None) -> ConvSpec:
+    """Identity as a depthwise Dirac kernel; after :func:`regroup` to g groups it becomes
+    ``W[o, o mod (C/g), centre] = 1`` (fusion-notes §2.3)."""
+    ones = torch.ones(channels, dtype=dtype, device=device)
+    return affine_as_conv(ChannelAffine(ones, torch.zeros_like(ones)), ndim)
+
+
+def avg_pool_as_conv(channels: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     dtype: torch.dtype = torch.float64, device=None) -> ConvSpec:
+    """AvgPool with ``count_include_pad=True``, ``ceil_mode=False`` as a depthwise conv of ``1/prod(k)``."""
+    ndim = len(kernel)
+    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=dtype, device=device)
+    return ConvSpec(weight, weight.new_zeros(channels), tuple(stride), tuple(padding), (1,) * ndim,
+                    channels)
+
+
+def scale_conv(spec: ConvSpec, coefficient: float) -> ConvSpec:
+    """``coefficient · conv``."""
+    if coefficient == 1:
+        return spec
+    return spec.with_(weight=spec.weight * coefficient, bias=spec.bias * coefficient)
+
+
+def regroup(spec: ConvSpec, groups: int) -> ConvSpec:
+    """The same conv written with fewer groups (``groups`` divides ``spec.groups``): block-diagonal expansion,
+    ``W'[o, (g(o) mod r)·C_in/g + j] = W[o, j]`` with ``r = spec.groups / groups``."""
+    if groups == spec.groups:
+        return spec
+    if spec.groups % groups:
+        raise ValueError(f"cannot regroup a groups={spec.groups} conv to groups={groups}")
+    w = spec.weight
+    c_out, in_pg = w.shape[0], w.shape[1]
+    ratio = spec.groups // groups
+    rows = torch.arange(c_out, device=w.device)
+    group = rows // (c_out // spec.groups)
+    cols = (group % ratio)[:, None] * in_pg + torch.arange(in_pg, device=w.device)[None, :]
+    new_w = w.new_zeros(c_out, in_pg * ratio, *w.shape[2:])
+    new_w[rows[:, None], cols] = w
+    return spec.with_(weight=new_w, groups=groups)
+
+
+# ------------------------------------------------------------------------------ parallel branches
+def why_not_on_one_grid(specs: Sequence[ConvSpec]) -> Optional[str]:
+    """Branches reading one input can share a kernel iff they have equal stride and equal window centre
+    (``2·(-p) + d·(k-1)`` per axis, which makes output sizes equal for every input size), zero padding,
+    and are not transposed (fusion-notes §2.2)."""
+    first = specs[0]
+    for s in specs:
+        if s.transposed:
+            return "transposed conv branch"
+        if s.padding_mode != "zeros":
+            return f"padding_mode={s.padding_mode!r} branch"
+        if s.stride != first.stride:
+            return f"stride mismatch {first.stride} vs {s.stride}"
+        if s.centre() != first.centre():
+            return (f"taps do not align: kernel {first.kernel_size}/padding {first.padding}/dilation "
+                    f"{first.dilation} vs kernel {s.kernel_size}/padding {s.padding}/dilation {s.dilation}")
+    return None
+
+
+def _grid(specs: Sequence[ConvSpec]) -> tuple[list[int], list[int], list[int]]:
+    """Per axis: merged padding ``P``, dilation ``D`` (gcd of all tap-offset differences), kernel ``K``."""
+    padding, dilation, kernel = [], [], []
+    for axis in range(specs[0].ndim):
+        offsets = [-s.padding[axis] + j * s.dilation[axis] for s in specs for j in range(s.kernel_size[axis])]
+        left = min(offsets)
+        d = 0
+        for o in offsets:
+            d = math.gcd(d, o - left)
+        d = d or 1
+        padding.append(-left)
+        dilation.append(d)
+        kernel.append((max(offsets) - left) // d + 1)
+    return padding, dilation, kernel
+
+
+def place_on_grid(spec: ConvSpec, padding: Sequence[int], dilation: Sequence[int], kernel: Sequence[int]) -> Tensor:
+    """Zero-embed ``spec.weight`` into a ``kernel``-sized weight with the given ``padding``/``dilation``:
+    branch tap ``j`` (offset ``-p + j·d``) lands at index ``(P - p + j·d) / D``."""
+    w = spec.weight
+    out = w.new_zeros(*w.shape[:2], *kernel)
+    index = [slice(None), slice(None)]
+    for axis in range(spec.ndim):
+        start = (padding[axis] - spec.padding[axis]) // dilation[axis]
+        step = max(spec.dilation[axis] // dilation[axis], 1)
+        k = spec.kernel_size[axis]
+        index.append(slice(start, start + (k - 1) * step + 1, step))
+    out[tuple(index)] = w
+    return out
+
+
+def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
+    """Σ branches reading the same input → one conv: regroup to ``gcd(groups)``, place every kernel on one tap
+    grid, add weights and biases. Requires :func:`why_not_on_one_grid` to be ``None``."""
+    groups = 0
+    for s in specs:
+        groups = math.gcd(groups, s.groups)
+    specs = [regroup(s, groups) for s in specs]
+    padding, dilation, kernel = _grid(specs)
+    weight = sum(place_on_grid(s, padding, dilation, kernel) for s in specs)
+    bias = sum(s.bias for s in specs)
+    return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), groups)
+
+
+def stack_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
+    """``cat([branch(x) ...], dim=1)`` → one conv with stacked output channels (groups expanded to 1 unless only
+    one branch). Requires :func:`why_not_on_one_grid` to be ``None``."""
+    specs = [regroup(s, 1) for s in specs]
+    padding, dilation, kernel = _grid(specs)
+    weight = torch.cat([place_on_grid(s, padding, dilation, kernel) for s in specs], dim=0)
+    bias = torch.cat([s.bias for s in specs])
+    return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), 1)
+
+
+# ---------------------------------------------------------------------------------- sequential
+def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[str]:
+    """``second(first(x))`` is one conv when the first has stride 1 and dilation 1 and the second dilation 1, and
+    either the second reads no zero padding (then any first kernel/padding is exact), or the first is a
+    bias-free pointwise conv (zero padding of the intermediate = first(zero padding of x))
+    (fusion-notes §2.4)."""
+    if first.transposed or second.transposed:
+        return "transposed conv"
+    if first.padding_mode != "zeros" or second.padding_mode != "zeros":
+        return "non-zero padding_mode"
+    if any(s != 1 for s in first.stride):
+        return f"first conv has stride {first.stride}"
+    if any(d != 1 for d, k in zip(first.dilation, first.kernel_size) if k > 1):
+        return f"first conv has dilation {first.dilation}"
+    if any(d != 1 for d, k in zip(second.dilation, second.kernel_size) if k > 1):
+        return f"second conv has dilation {second.dilation}"
+    if any(second.padding):
+        if not first.is_pointwise:
+            return "second conv zero-pads the output of a non-pointwise conv"
+        if bool((first.bias != 0).any()):
+            return "second conv zero-pads an intermediate with a nonzero bias/shift (borders would change)"
+    return None
+
+
+def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
+    """``second ∘ first`` as one conv: per group ``W[n, c] = Σ_m W2[n, m] ⋆ W1[m, c]`` (full correlation of the
+    kernels), ``b = b2 + Σ_{m,taps} W2[n, m]·b1[m]``; stride = s2, padding = p1 + p2, groups = gcd(g1, g2)."""
+    groups = math.gcd(first.groups, second.groups)
+    f, s = regroup(first, groups), regroup(second, groups)
+    c_in_pg, m_pg, n_pg = f.weight.shape[1], f.weight.shape[0] // groups, s.weight.shape[0] // groups
+    k1, k2 = f.kernel_size, s.kernel_size
+    w1 = f.weight.reshape(groups, m_pg, c_in_pg, *k1)
+    w2 = s.weight.reshape(groups, n_pg, m_pg, *k2)
+    kernel = tuple(a + b - 1 for a, b in zip(k1, k2))
+    out = w1.new_zeros(groups, n_pg, c_in_pg, *kernel)
+    for tap in itertools.product(*(range(k) for k in k2)):
+        window = (slice(None), slice(None), slice(None)) + tuple(slice(t, t + k) for t, k in zip(tap, k1))
+        out[window] += torch.einsum("gnm,gmc...->gnc...", w2[(slice(None),) * 3 + tap], w1)
+    weight = out.reshape(groups * n_pg, c_in_pg, *kernel)
+    idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, weight.device)
+    taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
+    bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
+    padding = tuple(a + b for a, b in zip(first.padding, second.padding))
+    return ConvSpec(weight, bias, second.stride, padding, (1,) * first.ndim, groups)

@@ -1,0 +1,147 @@
+"""What a pass did: fused patterns with counts, candidates left unfused with reasons, verification."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class Unfused:
+    """A candidate a rule looked at and left alone."""
+
+    rule: str
+    node: str
+    target: str
+    reason: str
+
+
+@dataclass
+class GraphStats:
+    """Op counts of a graph (module and functional spellings together)."""
+
+    nodes: int = 0
+    convs: int = 0
+    batch_norms: int = 0
+    pools: int = 0
+    adds: int = 0
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "GraphStats":
+        modules = dict(gm.named_modules())
+        stats = cls()
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            stats.nodes += 1
+            kind = op_kind(node, modules)
+            if kind == "conv":
+                stats.convs += 1
+            elif kind == "batch_norm":
+                stats.batch_norms += 1
+            elif kind == "avg_pool":
+                stats.pools += 1
+            elif kind == "add":
+                stats.adds += 1
+        return stats
+
+
+def op_kind(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """Coarse op class of a node: ``conv``, ``batch_norm``, ``avg_pool``, ``add`` or ``None``."""
+    import operator
+
+    import torch.nn.functional as F
+
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return "conv"
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return "batch_norm"
+        if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            return "avg_pool"
+        return None
+    if node.op == "call_function":
+        if node.target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                           F.conv_transpose3d):
+            return "conv"
+        if node.target is F.batch_norm:
+            return "batch_norm"
+        if node.target in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+            return "avg_pool"
+        if node.target in (operator.add, operator.iadd, torch.add):
+            return "add"
+    if node.op == "call_method" and node.target in ("add", "add_"):
+        return "add"
+    return None
+
+
+@dataclass
+class FusionReport:
+    """Returned as ``fused.fxfuse_report``.
+
+    ``fused`` counts applied rewrites per rule; ``unfused`` lists candidates left alone (with why);
+    ``rolled_back`` lists rewrites undone by verification; ``submodules`` says, for models that do not trace
+    as a whole, which sub-modules were rewritten and why others were not."""
+
+    fused: Counter = field(default_factory=Counter)
+    unfused: List[Unfused] = field(default_factory=list)
+    rolled_back: List[str] = field(default_factory=list)
+    applied: List[str] = field(default_factory=list)
+    before: GraphStats = field(default_factory=GraphStats)
+    after: GraphStats = field(default_factory=GraphStats)
+    verified: Optional[bool] = None
+    verify_dtype: Optional[str] = None
+    max_abs_error: Optional[float] = None
+    max_rel_error: Optional[float] = None
+    tolerance: Optional[float] = None
+    pass_seconds: float = 0.0
+    traced_whole: bool = True
+    submodules: Dict[str, str] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def total_fused(self) -> int:
+        return sum(self.fused.values())
+
+    def merge(self, prefix: str, other: "FusionReport") -> None:
+        """Fold a sub-module's report into this one (fallback mode)."""
+        self.fused.update(other.fused)
+        self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.reason) for u in other.unfused)
+        self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
+        self.applied.extend(f"{prefix}.{a}" for a in other.applied)
+        for name in ("nodes", "convs", "batch_norms", "pools", "adds"):
+            setattr(self.before, name, getattr(self.before, name) + getattr(other.before, name))
+            setattr(self.after, name, getattr(self.after, name) + getattr(other.after, name))
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["fused"] = dict(self.fused)
+        return d
+
+    def summary(self) -> str:
+        lines = [f"fxfuse: {self.total_fused} rewrites "
+                 + (", ".join(f"{k}={v}" for k, v in sorted(self.fused.items())) or "(none)")]
+        b, a = self.before, self.after
+        lines.append(f"  ops {b.nodes} -> {a.nodes}, convs {b.convs} -> {a.convs}, "
+                     f"batch_norms {b.batch_norms} -> {a.batch_norms}, avg_pools {b.pools} -> {a.pools}, "
+                     f"adds {b.adds} -> {a.adds}")
+        if self.verified is not None:
+            lines.append(f"  verified={self.verified} in {self.verify_dtype}: max abs error {self.max_abs_error:.3g}"
+                         f" (relative {self.max_rel_error:.3g}, tolerance {self.tolerance:.3g})")
+        if not self.traced_whole:
+            lines.append("  model did not trace as a whole; sub-modules:")
+            lines.extend(f"    {k}: {v}" for k, v in self.submodules.items())
+        if self.rolled_back:
+            lines.append(f"  rolled back (changed outputs): {', '.join(self.rolled_back)}")
+        if self.unfused:
+            lines.append(f"  left unfused ({len(self.unfused)}):")
+            lines.extend(f"    [{u.rule}] {u.node} ({u.target}): {u.reason}" for u in self.unfused)
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    __str__ = summary

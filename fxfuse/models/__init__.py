@@ -1,0 +1,44 @@
+"""Reference networks in multi-branch training form (RepVGG, ACNet, DBB, MobileOne, BN-after-sum),
+their deploy-shaped plain twins, and a BatchNorm randomizer for tests."""
+from __future__ import annotations
+
+from ._bn import randomize_batchnorm_
+from ._registry import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks
+from .blocks import (
+    ACBlock,
+    ACNet,
+    BNAfterSumBlock,
+    BNAfterSumNet,
+    BNAndPad,
+    DBBBlock,
+    DBBNet,
+    MobileOneBlock,
+    MobileOneNet,
+    MobileOneUnit,
+)
+from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
+
+__all__ = [
+    "ACBlock",
+    "ACNet",
+    "BNAfterSumBlock",
+    "BNAfterSumNet",
+    "BNAndPad",
+    "DBBBlock",
+    "DBBNet",
+    "MobileOneBlock",
+    "MobileOneNet",
+    "MobileOneUnit",
+    "PlainBlock",
+    "REPVGG_CONFIGS",
+    "RepVGG",
+    "RepVGGBlock",
+    "build",
+    "conv_spec",
+    "default_input_shape",
+    "names",
+    "plain_twin",
+    "randomize_batchnorm_",
+    "reparam_blocks",
+    "repvgg",
+]

@@ -1,0 +1,57 @@
+"""per-channel affine (BatchNorm, ``x * c + d``) → conv / linear ⇒ one layer.
+
+``W'[o, j] = W[o, j]·a[in(o, j)]``, ``b' = b + Σ W·c``. Exact only where the conv reads no zero padding or
+the shift is zero (fusion-notes §2.4): zero-padding ``a·x + c`` is not ``a·``(zero-padded ``x``) ``+ c``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import fx
+
+from .. import _kernels as K
+from .._graph import AffineRead, ConvRead
+from .._registry import Rewrite, RewriteContext, register_rule
+
+
+@register_rule("bn_conv", priority=20)
+def fold_affine_into_consumer(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Fold a per-channel affine into the conv/linear that is its only user."""
+    conv = ctx.read.conv(node)
+    linear = ctx.read.linear(node) if conv is None else None
+    if isinstance(conv, ConvRead) and conv.kind == "conv":
+        source = conv.input
+    elif linear is not None:
+        source = linear.input
+    else:
+        return None
+    read = ctx.read.affine(source)
+    if linear is not None and isinstance(read, AffineRead) and read.axis != read.ndim - 1:
+        read = ctx.read.affine(source, axis=read.ndim - 1)
+        if isinstance(read, AffineRead) and read.axis != read.ndim - 1:
+            return None
+    if not isinstance(read, AffineRead):
+        return None
+    if ctx.single_user(source) is not node:
+        return None  # the affine feeds other ops too; it stays
+    if conv is not None:
+        if read.axis != 1:
+            return None
+        reason = K.why_not_affine_then_conv(read.affine, conv.spec)
+        if reason:
+            return ctx.skip(node, reason)
+        spec = K.affine_then_conv(read.affine, conv.spec)
+
+        def rewrite() -> None:
+            new = ctx.insert_conv(spec, read.input, before=node, like=conv.like, name=node.name)
+            ctx.replace(node, new, consumed=[source])
+
+        return rewrite
+
+    weight, bias = K.affine_then_linear(read.affine, linear.weight, linear.bias)
+
+    def rewrite_linear() -> None:
+        new = ctx.insert_linear(weight, bias, read.input, before=node, like=linear.like, name=node.name)
+        ctx.replace(node, new, consumed=[source])
+
+    return rewrite_linear

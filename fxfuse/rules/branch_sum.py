@@ -1,0 +1,194 @@
+"""Σ parallel branches reading the same input ⇒ one conv (RepVGG, ACNet, MobileOne, DBB V).
+
+A sum (``a + b``, ``b + a``, ``a += b``, ``torch.add(a, b, alpha=k)``, ``a.add(b)``, ``a - b`` and chains of
+them) is flattened into terms ``coef · t``. Each term is read as a linear op of some input — a conv, an avg-pool,
+a per-channel affine such as BatchNorm (depthwise 1x1), or the tensor itself (Dirac identity) — and terms on the
+same input with equal stride and window centre are summed on one tap grid after expanding to
+``gcd(groups)`` (fusion-notes §2.2–2.3). Terms that do not merge stay as they were."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, fx
+
+from .. import _kernels as K
+from .._graph import ConvRead
+from .._registry import Rewrite, RewriteContext, register_rule
+from .._spec import ConvSpec
+
+_ADD = {operator.add: False, operator.iadd: True, torch.add: False}
+_SUB = {operator.sub: False, operator.isub: True, torch.sub: False}
+_METHOD_ADD = {"add": False, "add_": True, "__add__": False, "__iadd__": True}
+_METHOD_SUB = {"sub": False, "sub_": True, "__sub__": False, "__isub__": True}
+
+
+def as_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Tuple[List[Tuple[float, fx.Node]], bool]]:
+    """``([(1, a), (±alpha, b)], in_place)`` if ``node`` adds/subtracts two non-constant tensors."""
+    if node.op == "call_function" and node.target in _ADD:
+        sign, in_place = 1, _ADD[node.target]
+    elif node.op == "call_function" and node.target in _SUB:
+        sign, in_place = -1, _SUB[node.target]
+    elif node.op == "call_method" and node.target in _METHOD_ADD:
+        sign, in_place = 1, _METHOD_ADD[node.target]
+    elif node.op == "call_method" and node.target in _METHOD_SUB:
+        sign, in_place = -1, _METHOD_SUB[node.target]
+    else:
+        return None
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    a, b = node.args
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    if ctx.read.constants.tensor(a) is not None or ctx.read.constants.tensor(b) is not None:
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    if not isinstance(alpha, (int, float)):
+        return None
+    return [(1.0, a), (float(sign * alpha), b)], in_place
+
+
+def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
+    cur = anchor.next
+    while cur.op != "root":
+        if cur is node:
+            return True
+        cur = cur.next
+    return False
+
+
+@dataclass
+class Branch:
+    input: fx.Node
+    spec: ConvSpec
+    is_conv: bool
+    like: Optional[Tensor]
+    node: Optional[fx.Node]  # the term node folded away (None for an identity term)
+    coef: float
+
+
+def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[float, fx.Node]], List[fx.Node]]]:
+    """Terms of the sum tree under ``root`` and its inner add nodes; ``None`` if an in-place add would be unsafe."""
+    terms: List[Tuple[float, fx.Node]] = []
+    inner: List[fx.Node] = []
+    shape = ctx.shape(root)
+
+    def visit(node: fx.Node, coef: float) -> bool:
+        parsed = as_sum(ctx, node)
+        assert parsed is not None
+        operands, in_place = parsed
+        if in_place:
+            target = node.args[0]
+            if any(u is not node and _comes_after(u, node) for u in ctx.real_users(target)):
+                ctx.skip(root, f"in-place add mutates {target.name}, which is read again later")
+                return False
+        for c, operand in operands:
+            if (operand.op != "placeholder" and as_sum(ctx, operand) is not None
+                    and ctx.single_user(operand) is node and ctx.shape(operand) == shape):
+                inner.append(operand)
+                if not visit(operand, coef * c):
+                    return False
+            else:
+                terms.append((coef * c, operand))
+        return True
+
+    return (terms, inner) if visit(root, 1.0) else None
+
+
+def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, shape) -> Branch:
+    read = ctx.read.as_conv(term)
+    if (isinstance(read, ConvRead) and read.kind != "conv_transpose" and ctx.single_user(term) in chain
+            and term.op != "placeholder"):
+        return Branch(read.input, K.scale_conv(read.spec, coef), read.kind == "conv", read.like, term, coef)
+    spec = K.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
+    return Branch(term, K.scale_conv(spec, coef), False, None, None, coef)
+
+
+@register_rule("branch_sum", priority=40)
+def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Merge the terms of a sum that read the same input into one conv."""
+    if as_sum(ctx, node) is None:
+        return None
+    shape = ctx.shape(node)
+    if shape is None or len(shape) < 3:
+        return None
+    user = ctx.single_user(node)
+    if user is not None and as_sum(ctx, user) is not None and ctx.shape(user) == shape:
+        return None  # an inner node of a larger sum: handled from the root
+    flat = _flatten(ctx, node)
+    if flat is None:
+        return None
+    terms, inner = flat
+    chain = {node, *inner}
+
+    groups: Dict[fx.Node, List[Branch]] = {}
+    others: List[Tuple[float, fx.Node]] = []
+    for coef, term in terms:
+        if ctx.shape(term) != shape:
+            others.append((coef, term))  # broadcasting term: not a branch
+            continue
+        b = _read_branch(ctx, coef, term, chain, shape)
+        groups.setdefault(b.input, []).append(b)
+
+    merges: List[Tuple[ConvSpec, fx.Node, Optional[Tensor], List[Branch]]] = []
+    leftovers: List[Branch] = []
+    for source, branches in groups.items():
+        by_geometry: Dict[tuple, List[Branch]] = {}
+        for b in branches:
+            by_geometry.setdefault((b.spec.stride, b.spec.centre(), b.spec.padding_mode), []).append(b)
+        if len(branches) > 1 and any(b.is_conv for b in branches) and len(by_geometry) > 1:
+            geos = ", ".join(f"stride {s} centre {c}" for s, c, _ in by_geometry)
+            ctx.skip(node, f"branches on {source.name} do not share one tap grid ({geos})")
+        for part in by_geometry.values():
+            if len(part) < 2 or not any(b.is_conv for b in part):
+                leftovers.extend(part)
+                continue
+            reason = K.why_not_on_one_grid([b.spec for b in part])
+            if reason:
+                ctx.skip(node, reason)
+                leftovers.extend(part)
+                continue
+            merged = K.sum_parallel([b.spec for b in part])
+            if merged.weight.numel() > sum(b.spec.weight.numel() for b in part):
+                ctx.skip(node, "merging these branches would increase the work (groups expand to "
+                               f"{merged.groups})")
+                leftovers.extend(part)
+                continue
+            like = next(b.like for b in part if b.is_conv)
+            merges.append((merged, source, like, part))
+    if not merges:
+        return None
+
+    def rewrite() -> None:
+        pieces: List[Tuple[float, fx.Node]] = []
+        consumed: List[fx.Node] = list(inner)
+        for i, (spec, source, like, part) in enumerate(merges):
+            pieces.append((1.0, ctx.insert_conv(spec, source, before=node, like=like, name=node.name)))
+            consumed.extend(b.node for b in part if b.node is not None)
+        for b in leftovers:
+            pieces.append((b.coef, b.node if b.node is not None else b.input))
+        pieces.extend(others)
+        result = _emit_sum(ctx, pieces, before=node)
+        ctx.replace(node, result, consumed=consumed)
+
+    return rewrite
+
+
+def _emit_sum(ctx: RewriteContext, pieces: List[Tuple[float, fx.Node]], before: fx.Node) -> fx.Node:
+    """``Σ coef·piece`` as out-of-place adds (the first piece has coefficient 1: merged convs come first)."""
+    acc = pieces[0][1]
+    assert pieces[0][0] == 1.0
+    with ctx.graph.inserting_before(before):
+        for coef, piece in pieces[1:]:
+            if coef == 1.0:
+                acc = ctx.graph.call_function(operator.add, (acc, piece))
+            elif coef == -1.0:
+                acc = ctx.graph.call_function(operator.sub, (acc, piece))
+            else:
+                acc = ctx.graph.call_function(torch.add, (acc, piece), {"alpha": coef})
+            acc.meta = dict(before.meta)
+    return acc

@@ -1,0 +1,72 @@
+"""``cat([conv_1(x), …, conv_n(x)], dim=1)`` ⇒ one conv with stacked output channels (DBB IV, Inception).
+
+Consecutive operands that are dense (groups = 1) convs on the same input with equal stride and window centre
+are placed on one tap grid and stacked along ``C_out``; other operands stay in place."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import fx
+
+from .. import _kernels as K
+from .._graph import ConvRead, arg
+from .._registry import Rewrite, RewriteContext, register_rule
+
+
+def _key(read: ConvRead) -> tuple:
+    return (read.input, read.spec.stride, read.spec.centre())
+
+
+@register_rule("concat", priority=60)
+def merge_concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Stack sibling convs that feed one channel concat."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return None
+    tensors = arg(node, 0, "tensors")
+    shape = ctx.shape(node)
+    if not isinstance(tensors, (list, tuple)) or shape is None or len(shape) < 3:
+        return None
+    dim = arg(node, 1, "dim", 0)
+    if not isinstance(dim, int) or dim % len(shape) != 1:
+        return None
+    reads: List[Optional[ConvRead]] = []
+    for t in tensors:
+        r = ctx.read.conv(t) if isinstance(t, fx.Node) else None
+        ok = (isinstance(r, ConvRead) and r.kind == "conv" and r.spec.groups == 1 and r.spec.padding_mode == "zeros"
+              and list(t.users) == [node] and list(tensors).count(t) == 1)
+        reads.append(r if ok else None)
+    runs: List[Tuple[int, int]] = []
+    i = 0
+    while i < len(tensors):
+        j = i + 1
+        if reads[i] is not None:
+            while j < len(tensors) and reads[j] is not None and _key(reads[j]) == _key(reads[i]):
+                j += 1
+        if j - i > 1:
+            runs.append((i, j))
+        i = j
+    if not runs:
+        return None
+
+    def rewrite() -> None:
+        new_args: list = []
+        consumed = []
+        pos = 0
+        for start, stop in runs:
+            new_args.extend(tensors[pos:start])
+            spec = K.stack_parallel([reads[k].spec for k in range(start, stop)])
+            new_args.append(ctx.insert_conv(spec, reads[start].input, before=node, like=reads[start].like,
+                                            name=node.name))
+            consumed.extend(tensors[start:stop])
+            pos = stop
+        new_args.extend(tensors[pos:])
+        if len(new_args) == 1:
+            ctx.replace(node, new_args[0], consumed=consumed)
+            return
+        node.update_arg(0, new_args) if node.args else node.update_kwarg("tensors", new_args)
+        for c in consumed:
+            ctx.erase_if_dead(c)
+
+    return rewrite

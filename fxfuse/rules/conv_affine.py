@@ -1,0 +1,58 @@
+"""conv / conv-transpose / linear → per-channel affine (BatchNorm, ``x * c + d``) ⇒ one layer.
+
+``W' = a·W`` along output channels (group-mapped axis 1 for transposed convs), ``b' = a·b + c``.
+Exact whenever the affine uses eval statistics and the layer's output has no other real user."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import fx
+
+from .. import _kernels as K
+from .._graph import AffineRead, ConvRead, Refusal
+from .._registry import Rewrite, RewriteContext, register_rule
+
+
+@register_rule("conv_bn", priority=10)
+def fold_affine_into_producer(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Fold a per-channel affine (BN, mul/add/sub/div by a per-channel constant) into the conv/linear before it."""
+    read = ctx.read.affine(node)
+    producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if isinstance(read, Refusal):
+        if producer is not None and (isinstance(ctx.read.conv(producer), ConvRead) or ctx.read.linear(producer)):
+            ctx.skip(node, read.reason)
+        return None
+    if read is None:
+        return None
+    producer = read.input
+    conv = ctx.read.conv(producer)
+    linear = ctx.read.linear(producer) if conv is None else None
+    if not isinstance(conv, ConvRead) and linear is None:
+        return None
+    if linear is not None and read.axis != read.ndim - 1:
+        read = ctx.read.affine(node, axis=read.ndim - 1)  # channel axis of a linear output is the last one
+        if not isinstance(read, AffineRead) or read.kind == "batch_norm" and read.axis != read.ndim - 1:
+            return ctx.skip(node, "affine is not along the linear layer's output features")
+    if conv is not None and read.axis != 1:
+        return None
+    if ctx.single_user(producer) is not node:
+        return ctx.skip(node, f"{producer.name} has other users besides this affine "
+                              f"({', '.join(u.name for u in ctx.real_users(producer))})")
+
+    if conv is not None:
+        spec = K.conv_then_affine(conv.spec, read.affine)
+
+        def rewrite() -> None:
+            new = ctx.insert_conv(spec, conv.input, before=node, like=conv.like, name=producer.name)
+            ctx.replace(node, new, consumed=[producer])
+
+        return rewrite
+
+    weight, bias = K.linear_then_affine(linear.weight, linear.bias, read.affine)
+
+    def rewrite_linear() -> None:
+        new = ctx.insert_linear(weight, bias, linear.input, before=node, like=linear.like, name=producer.name)
+        ctx.replace(node, new, consumed=[producer])
+
+    return rewrite_linear
