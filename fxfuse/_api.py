@@ -10,14 +10,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from ._errors import FusionError
 from ._registry import RewriteContext, Rule, RuleLike, resolve_rules, run_rules
 from ._report import FusionReport, GraphStats, Unfused
-from ._trace import Call, capture_calls, trace
+from ._trace import Call, capture_calls, propagate_shapes, trace
 from ._verify import Comparison, compare, first_bad_rewrite
 
 
@@ -195,23 +194,15 @@ def _merge_top(report: FusionReport, sub: FusionReport) -> None:
 def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, plan: _DtypePlan,
              deny: set, max_rewrites: Optional[int]) -> Tuple[fx.GraphModule, Any, RewriteContext]:
     gm = trace(module)
-    ShapeProp(gm).propagate(*calls[0].args, **calls[0].kwargs) if not calls[0].kwargs else \
-        _shape_prop_kwargs(gm, calls[0])
+    propagate_shapes(gm, calls[0])
     default_dtype = _dominant_dtype(plan, module)
     requires_grad = any(p.requires_grad for p in module.parameters())
-    ctx = RewriteContext(gm, plan.as_id_map(), default_dtype, requires_grad)
+    ctx = RewriteContext(gm, plan.as_id_map(), default_dtype, requires_grad,
+                         reshape=lambda: propagate_shapes(gm, calls[0]))
     result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, result, ctx
-
-
-def _shape_prop_kwargs(gm: fx.GraphModule, call: Call) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = list(call.args)
-    for p in placeholders[len(values):]:
-        values.append(call.kwargs.get(p.target, p.args[0] if p.args else None))
-    ShapeProp(gm).propagate(*values)
 
 
 def _dominant_dtype(plan: _DtypePlan, module: nn.Module) -> torch.dtype:

@@ -114,8 +114,10 @@ class RewriteContext:
     other users intact (fused parameters always go into *new* modules; nothing existing is mutated)."""
 
     def __init__(self, gm: fx.GraphModule, target_dtype: Dict[int, torch.dtype], default_dtype: torch.dtype,
-                 requires_grad: bool, options: Optional[dict] = None) -> None:
+                 requires_grad: bool, options: Optional[dict] = None,
+                 reshape: Optional[Callable[[], None]] = None) -> None:
         self.gm = gm
+        self.reshape = reshape  # re-runs shape propagation after rewrites that could not give a new node a shape
         self.graph = gm.graph
         self.read = Reader(gm)
         self.options = dict(options or {})
@@ -187,11 +189,14 @@ class RewriteContext:
         return mod
 
     def insert_conv(self, spec: ConvSpec, input: fx.Node, *, before: fx.Node, like: Optional[Tensor] = None,
-                    name: Optional[str] = None) -> fx.Node:
-        """Insert ``call_module(new conv holding spec)(input)`` before ``before``; returns the new node."""
+                    name: Optional[str] = None, same_shape: bool = True) -> fx.Node:
+        """Insert ``call_module(new conv holding spec)(input)`` before ``before``; returns the new node. With
+        ``same_shape`` its output shape is ``before``'s (else shapes are re-propagated before the next sweep)."""
         target = self._add_module(self.conv_module(spec, like), name or before.name, like)
         with self.graph.inserting_before(before):
-            return self.graph.call_module(target, (input,))
+            node = self.graph.call_module(target, (input,))
+        node.meta = dict(before.meta) if same_shape else {}
+        return node
 
     def insert_linear(self, weight: Tensor, bias: Tensor, input: fx.Node, *, before: fx.Node,
                       like: Optional[Tensor] = None, name: Optional[str] = None) -> fx.Node:
@@ -200,7 +205,9 @@ class RewriteContext:
         mod.bias = nn.Parameter(bias.detach().clone().to(weight.device))
         target = self._add_module(mod, name or before.name, like)
         with self.graph.inserting_before(before):
-            return self.graph.call_module(target, (input,))
+            node = self.graph.call_module(target, (input,))
+        node.meta = dict(before.meta)
+        return node
 
     def replace(self, old: fx.Node, new: fx.Node, consumed: Sequence[fx.Node] = ()) -> None:
         """Make ``new`` (same shape as ``old``) compute what ``old`` did; ``consumed`` nodes (intermediates
@@ -240,6 +247,9 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: Set[str] = fr
     denied: List[str] = []
     for _ in range(max_sweeps):
         ctx.skips.clear()
+        if ctx.reshape is not None and any("tensor_meta" not in n.meta for n in ctx.graph.nodes
+                                           if n.op not in ("output", "get_attr")):
+            ctx.reshape()
         changed = False
         for rule in rules:
             ctx._rule = rule.name

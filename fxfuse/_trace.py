@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
 MAX_CALLS_KEPT = 2
@@ -59,3 +60,32 @@ def capture_calls(model: nn.Module, args: Tuple[Any, ...]) -> Dict[int, List[Cal
         for h in handles:
             h.remove()
     return calls
+
+
+class _Holder(nn.Module):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: Any) -> Any:
+        return ShapeProp(self.gm).propagate(*args)
+
+
+def propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
+    """Fill ``node.meta['tensor_meta']`` for every node. Runs on the ``meta`` device (no arithmetic, no copies of
+    the weights); falls back to a real run where an op has no meta kernel."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(call.args)
+    for p in placeholders[len(values):]:
+        values.append(call.kwargs.get(p.target, p.args[0] if p.args else None))
+    to_meta = lambda t: torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t  # noqa: E731
+    try:
+        state = {f"gm.{k}": to_meta(v) for k, v in
+                 list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
+        with torch.no_grad():
+            torch.func.functional_call(_Holder(gm), state, tuple(tree_map(to_meta, values)), tie_weights=False)
+        return
+    except Exception:  # noqa: BLE001 - some op lacks a meta kernel: do it for real
+        pass
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*values)

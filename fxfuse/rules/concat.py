@@ -58,7 +58,7 @@ def merge_concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             new_args.extend(tensors[pos:start])
             spec = K.stack_parallel([reads[k].spec for k in range(start, stop)])
             new_args.append(ctx.insert_conv(spec, reads[start].input, before=node, like=reads[start].like,
-                                            name=node.name))
+                                            name=node.name, same_shape=len(runs) == 1 and stop - start == len(tensors)))
             consumed.extend(tensors[start:stop])
             pos = stop
         new_args.extend(tensors[pos:])

@@ -52,7 +52,7 @@ def move_pad_before_pointwise(ctx: RewriteContext, node: fx.Node) -> Optional[Re
     def rewrite() -> None:
         new_pad = ctx.graph.node_copy(node, lambda n: conv.input if n is conv_node else n)
         node.prepend(new_pad)
-        new_pad.meta = {}
+        new_pad.meta = {}  # re-propagated before the next sweep
         ctx.replace(node, ctx.insert_conv(conv.spec, new_pad, before=node, like=conv.like, name=conv_node.name),
                     consumed=[conv_node])
 
