@@ -20,6 +20,10 @@ from ._trace import Call, capture_calls, propagate_shapes, trace
 from ._verify import Comparison, compare, first_bad_rewrite
 
 
+class UnfaithfulTrace(FusionError):
+    """The traced graph, unmodified, already computes something else than the module."""
+
+
 @dataclass
 class _Options:
     rules: List[Rule]
@@ -139,6 +143,10 @@ def reparametrize(
                              "or a tuple of positional inputs that model(*inputs) accepts.") from exc
         report.warnings.append(f"float64 copy impossible ({type(exc64).__name__}: {exc64}); verified in the "
                                "model's dtype with a looser tolerance")
+    if verify and not _has_float_tensor(reference):
+        raise FusionError(f"the model's output ({type(reference).__name__}) holds no floating-point tensor, so "
+                          "fxfuse cannot check that the rewritten model is equal. Make forward return its tensors "
+                          "(tensors nested in tuples/lists/dicts are fine) or pass verify=False.")
     for mod, key, t in _slots(work):
         plan.record(t, slot_dtypes[(id(mod), key)])
 
@@ -150,14 +158,29 @@ def reparametrize(
                               "pass fallback=True to rewrite its traceable sub-modules") from exc
         result = _rewrite_submodules(work, run_args, reference, opts, plan, report, exc)
     else:
-        result, sub_report = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
-        _merge_top(report, sub_report)
+        try:
+            result, sub_report = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
+            _merge_top(report, sub_report)
+        except UnfaithfulTrace as exc:
+            if not fallback:
+                raise
+            result = _rewrite_submodules(work, run_args, reference, opts, plan, report, exc)
 
     plan.apply(result)
     result.eval()
     report.pass_seconds = time.perf_counter() - start
     result.fxfuse_report = report
+    if isinstance(result, fx.GraphModule):
+        # GraphModule.__deepcopy__ rebuilds the module and drops plain attributes except those listed here.
+        result.meta.setdefault("_user_preserved_attributes", {})["fxfuse_report"] = report
     return result
+
+
+def _has_float_tensor(output: Any) -> bool:
+    """Whether a (nested) output has a floating/complex tensor leaf: the values verification compares."""
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
 
 
 def _slots(module: nn.Module):
@@ -247,8 +270,9 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
         if cmp.ok:
             break
         if not result.applied:
-            raise FusionError(f"rewritten model differs from the original even with no rewrite applied: "
-                              f"{cmp.detail}")
+            raise UnfaithfulTrace(f"the traced graph itself differs from the model ({cmp.detail}); torch.fx did "
+                                  "not capture its semantics (e.g. `a += b` on an aliased tensor traces as an "
+                                  "out-of-place add)")
 
         def passes(k: int) -> bool:
             candidate, _, _ = _attempt(module, calls, opts, plan, deny, k)
@@ -316,6 +340,10 @@ def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: A
                 continue
             try:
                 fused, sub = _rewrite_graph_module(child, gm, calls[id(child)], opts, plan)
+            except UnfaithfulTrace as exc:
+                report.submodules[path] = f"trace differs from the module: {str(exc)[:160]}"
+                visit(child, path)
+                continue
             except FusionError as exc:
                 report.submodules[path] = f"left as is: {exc}"
                 continue

@@ -214,16 +214,31 @@ class RewriteContext:
         folded into ``new``) hand their metadata users to ``new`` and are erased with ``old`` when dead."""
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
+        moved = [u for c in consumed for u in list(c.users) if is_metadata_user(u)]
         for c in consumed:
             for u in list(c.users):
                 if is_metadata_user(u):
                     u.replace_input_with(c, new)
+        if moved:
+            order = {n: i for i, n in enumerate(self.graph.nodes)}
+            _hoist(new, min(moved, key=order.__getitem__), order)
         for n in (old, *consumed):
             erase_if_dead(n, self.read.modules)
 
     def erase_if_dead(self, node: fx.Node) -> None:
         """Erase ``node`` (and inputs that become dead) if nothing uses it and it is pure."""
         erase_if_dead(node, self.read.modules)
+
+
+def _hoist(node: fx.Node, anchor: fx.Node, order: Dict[fx.Node, int]) -> None:
+    """Move ``node`` (and the inputs it needs) before ``anchor`` if it comes later: keeps the graph topological
+    after a shape-reading user of a folded intermediate was handed to the fused node."""
+    if order[node] < order[anchor]:
+        return
+    for inp in node.all_input_nodes:
+        _hoist(inp, anchor, order)
+    anchor.prepend(node)
+    order[node] = order[anchor] - 0.5
 
 
 def _channels_last(dim: int) -> torch.memory_format:

@@ -24,7 +24,12 @@ def fold_affine_into_producer(ctx: RewriteContext, node: fx.Node) -> Optional[Re
             ctx.skip(node, read.reason)
         return None
     if read is None:
-        return None
+        shape = ctx.shape(node)
+        if shape is None or len(shape) < 3:
+            return None
+        read = ctx.read.affine(node, axis=len(shape) - 1)  # e.g. Linear on [B, T, C] scaled per feature
+        if not isinstance(read, AffineRead):
+            return None
     producer = read.input
     conv = ctx.read.conv(producer)
     linear = ctx.read.linear(producer) if conv is None else None

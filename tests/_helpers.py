@@ -1,0 +1,59 @@
+"""Shared assertions for fusion tests: float64 equality and structure counts."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import fx, nn
+
+import fxfuse
+from fxfuse._report import GraphStats
+from fxfuse.models import randomize_batchnorm_
+
+
+def as_inputs(x: Any) -> Tuple[Any, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def max_rel_error(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| over (nested) tensor outputs."""
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert len(la) == len(lb)
+    worst = 0.0
+    for x, y in zip(la, lb):
+        assert x.shape == y.shape, (x.shape, y.shape)
+        scale = float(y.abs().max()) or 1.0
+        worst = max(worst, float((x - y).abs().max()) / scale)
+    return worst
+
+
+def fuse_and_check(model: nn.Module, x: Any, *, seed: int = 0, rtol: float = 1e-10, second: Any = None,
+                   **kwargs) -> fx.GraphModule:
+    """Randomize BN stats, reparametrize a float64 copy, assert equal outputs (and on ``second``) and that the
+    input model is untouched. Returns the fused model (float64)."""
+    model = randomize_batchnorm_(model, seed).double().eval()
+    inputs = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in as_inputs(x))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fxfuse.reparametrize(model, inputs, **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"input model changed: {k}"
+    with torch.no_grad():
+        assert max_rel_error(fused(*inputs), model(*inputs)) <= rtol
+        if second is not None:
+            second = tuple(t.double() for t in as_inputs(second))
+            assert max_rel_error(fused(*second), model(*second)) <= rtol
+    return fused
+
+
+def stats(gm: fx.GraphModule) -> GraphStats:
+    return GraphStats.of(gm)
+
+
+def fused_counts(gm: nn.Module) -> Dict[str, int]:
+    return dict(gm.fxfuse_report.fused)
+
+
+def reasons(gm: nn.Module) -> str:
+    return " | ".join(u.reason for u in gm.fxfuse_report.unfused)

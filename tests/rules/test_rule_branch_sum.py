@@ -1,0 +1,310 @@
+"""Σ parallel branches on one input → one conv (rule ``branch_sum``), with every add spelling and the traps."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from _helpers import fuse_and_check, fused_counts, reasons, stats
+
+SPELLINGS = ["a+b", "b+a", "iadd", "torch.add", "Tensor.add", "alpha", "sub"]
+
+
+def combine(a, b, how):
+    if how == "a+b":
+        return a + b
+    if how == "b+a":
+        return b + a
+    if how == "iadd":
+        a += b
+        return a
+    if how == "torch.add":
+        return torch.add(a, b)
+    if how == "Tensor.add":
+        return a.add(b)
+    if how == "alpha":
+        return torch.add(a, b, alpha=0.5)
+    return a - b
+
+
+class MultiBranch(nn.Module):
+    """Σ of branches, each kind in {conv-BN kxk, conv-BN 1x1, BN identity, bare identity, avg-pool}."""
+
+    def __init__(self, c_in, c_out, kinds, k, stride, groups, spellings, dilation=1):
+        super().__init__()
+        self.kinds, self.spellings = kinds, spellings
+        self.branches = nn.ModuleList()
+        for kind in kinds:
+            if kind == "conv":
+                pad = dilation * (k - 1) // 2
+                self.branches.append(nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, pad, dilation, groups, False),
+                                                   nn.BatchNorm2d(c_out)))
+            elif kind == "conv1x1":
+                self.branches.append(nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, 0, 1, groups),
+                                                   nn.BatchNorm2d(c_out)))
+            elif kind == "bn":
+                self.branches.append(nn.BatchNorm2d(c_in))
+            elif kind == "avg":
+                self.branches.append(nn.AvgPool2d(3, stride, 1))
+            else:
+                self.branches.append(nn.Identity())
+
+    def forward(self, x):
+        out = self.branches[0](x)
+        for branch, how in zip(list(self.branches)[1:], self.spellings):
+            out = combine(out, branch(x), how)
+        return torch.relu(out)
+
+
+@st.composite
+def multi_branch(draw):
+    groups = draw(st.integers(1, 3))
+    per_group = draw(st.integers(1, 3))
+    c = groups * per_group
+    stride = draw(st.sampled_from([1, 1, 2]))
+    k = draw(st.sampled_from([1, 3, 5]))
+    dilation = draw(st.sampled_from([1, 1, 2])) if k > 1 else 1
+    options = ["conv", "conv1x1", "avg"] + (["bn", "identity"] if stride == 1 else [])
+    extra = draw(st.lists(st.sampled_from(options), min_size=1, max_size=3))
+    if "avg" in extra:  # a 3x3 pool only merges for free into a kernel that already covers 3x3
+        k, dilation = max(k, 3), 1
+    kinds = ["conv"] + extra
+    kinds = draw(st.permutations(kinds))
+    spellings = [draw(st.sampled_from(SPELLINGS)) for _ in kinds[1:]]
+    if kinds[0] in ("identity", "bn") and "iadd" in spellings[:1]:
+        spellings[0] = "a+b"  # `x += ...` would mutate the block input itself
+    size = draw(st.integers(5, 9))
+    model = MultiBranch(c, c, kinds, k, stride, groups, spellings, dilation)
+    return model, torch.randn(draw(st.integers(1, 2)), c, size, size), kinds
+
+
+@given(multi_branch())
+def test_any_branch_set_becomes_one_conv(case):
+    model, x, kinds = case
+    fused = fuse_and_check(model, x, second=torch.randn(3, *x.shape[1:]))
+    s = stats(fused)
+    assert s.convs == 1 and s.batch_norms == 0 and s.adds == 0 and s.pools == 0, (kinds, fused.code)
+    assert fused_counts(fused)["branch_sum"] >= 1
+
+
+class ACBlock(nn.Module):
+    """ACNet: kxk + 1xk + kx1, each conv-BN."""
+
+    def __init__(self, c, k=3, stride=1):
+        super().__init__()
+        self.square = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, bias=False), nn.BatchNorm2d(c))
+        self.hor = nn.Sequential(nn.Conv2d(c, c, (1, k), stride, (0, k // 2), bias=False), nn.BatchNorm2d(c))
+        self.ver = nn.Sequential(nn.Conv2d(c, c, (k, 1), stride, (k // 2, 0), bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.square(x) + self.hor(x) + self.ver(x)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+def test_asymmetric_kernels(k, stride):
+    fused = fuse_and_check(ACBlock(4, k, stride), torch.randn(2, 4, 10, 10))
+    assert stats(fused).convs == 1 and stats(fused).batch_norms == 0
+
+
+class MixedGrid(nn.Module):
+    """5x5 + dilated 3x3 (d=2, same footprint) + 1x1: taps on one grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 5, padding=2)
+        self.b = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.c = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.c(x)
+
+
+def test_mixed_dilation_on_one_grid():
+    fused = fuse_and_check(MixedGrid(), torch.randn(1, 3, 9, 9))
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert stats(fused).convs == 1 and conv.kernel_size == (5, 5) and conv.dilation == (1, 1)
+
+
+class DilatedOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_dilated_merge_keeps_dilation():
+    fused = fuse_and_check(DilatedOnly(), torch.randn(1, 3, 9, 9))
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert conv.kernel_size == (3, 3) and conv.dilation == (2, 2)
+
+
+class GroupedPlusIdentity(nn.Module):
+    """Grouped 3x3 + identity: the Dirac kernel must be W[o, o mod (C/g), centre] = 1 (fusion-notes §2.3)."""
+
+    def __init__(self, c=6, groups=3):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, groups=groups)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_grouped_identity_kernel():
+    fused = fuse_and_check(GroupedPlusIdentity(), torch.randn(2, 6, 5, 5))
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert conv.groups == 3 and stats(fused).adds == 0
+
+
+class PartialSum(nn.Module):
+    """conv(x) + conv1x1(x) + y (y from elsewhere): the two convs merge, y stays added."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.a(x) + y + self.b(x)
+
+
+def test_partial_merge_keeps_other_terms():
+    fused = fuse_and_check(PartialSum(), torch.randn(2, 3, 6, 6))
+    assert stats(fused).convs == 2 and stats(fused).adds == 1
+
+
+# ----------------------------------------------------------------------------- must NOT merge
+class Misaligned(nn.Module):
+    """3x3/p1 and 2x2/p0 at stride 2 give equal output sizes on even inputs but read different windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 2, 2, 0)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_misaligned_taps_stay_unfused():
+    fused = fuse_and_check(Misaligned(), torch.randn(2, 3, 8, 8))
+    assert stats(fused).convs == 2 and "tap grid" in reasons(fused)
+
+
+class ReluOnBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.a(x) + torch.relu(self.b(x))
+
+
+def test_nonlinear_branch_stays():
+    fused = fuse_and_check(ReluOnBranch(), torch.randn(2, 3, 5, 5))
+    assert stats(fused).convs == 2 and stats(fused).adds == 1
+
+
+class BranchAlsoReturned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.b(x)
+        return self.a(x) + y, y
+
+
+def test_branch_with_other_user_stays_separate():
+    fused = fuse_and_check(BranchAlsoReturned(), torch.randn(2, 3, 5, 5))
+    assert stats(fused).convs == 2
+
+
+class BatchStatBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x):
+        return self.conv(x) + self.bn(x)
+
+
+def test_bn_without_running_stats_branch_not_merged():
+    fused = fuse_and_check(BatchStatBranch(), torch.randn(4, 3, 5, 5))
+    assert stats(fused).batch_norms == 1 and stats(fused).adds == 1
+
+
+class InplaceReadLater(nn.Module):
+    """``y.add_(conv(y))`` mutates y; a later reader of y sees the sum. Merging must not change that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = x * 1.0  # not the placeholder itself
+        y.add_(self.conv(y))
+        return y, y * 2
+
+
+def test_inplace_add_with_later_reader():
+    fused = fuse_and_check(InplaceReadLater(), torch.randn(2, 3, 5, 5))
+    assert stats(fused).convs == 1 and "read again later" in reasons(fused)
+
+
+class AugmentedAssignOnAlias(nn.Module):
+    """``y += conv(x)`` where y aliases x: fx records an out-of-place add, so the traced graph is not the
+    model. fxfuse must notice (the unmodified trace fails verification) and fall back to sub-modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.body(x)
+        y = x
+        y += self.conv(x)
+        return y, x * 2
+
+
+def test_unfaithful_trace_falls_back_to_submodules():
+    fused = fuse_and_check(AugmentedAssignOnAlias(), torch.randn(2, 3, 5, 5))
+    report = fused.fxfuse_report
+    assert not report.traced_whole and "rewritten" in report.submodules["body"]
+    assert fused_counts(fused) == {"conv_bn": 1}
+
+
+class AvgNoPadCount(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        return self.conv(x) + self.pool(x)
+
+
+class PointwisePlusPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(8, 8, 1), nn.AvgPool2d(3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(x) + self.pool(x)
+
+
+def test_merge_that_adds_work_is_skipped():
+    """1x1 (64 MACs/px) + 3x3 pool (72) would become a dense 3x3 (576): not done, and said why."""
+    fused = fuse_and_check(PointwisePlusPool(), torch.randn(1, 8, 6, 6))
+    assert stats(fused).pools == 1 and "increase the work" in reasons(fused)
+
+
+def test_avgpool_without_count_include_pad_is_not_a_conv():
+    fused = fuse_and_check(AvgNoPadCount(), torch.randn(2, 3, 6, 6))
+    assert stats(fused).pools == 1 and stats(fused).adds == 1
