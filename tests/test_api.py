@@ -1,0 +1,83 @@
+"""The public surface: rule selection and registration, the report, inplace semantics."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+from fxfuse import models
+from _helpers import fuse_and_check, fused_counts, stats
+
+
+def repvgg_tiny():
+    return models.randomize_batchnorm_(models.build("repvgg-tiny"), 5).eval()
+
+
+def test_public_names():
+    assert set(fxfuse.__all__) >= {"reparametrize", "FusionError", "FusionReport", "register_rule"}
+    assert issubclass(fxfuse.FusionError, RuntimeError)
+    names = [r.name for r in fxfuse.registered_rules()]
+    assert names[:3] == ["remove_noop", "conv_bn", "bn_conv"] and "branch_sum" in names
+
+
+def test_rules_subset_only_folds_bn():
+    fused = fuse_and_check(models.build("repvgg-tiny"), torch.randn(1, 3, 32, 32), rules=["conv_bn"])
+    assert set(fused_counts(fused)) == {"conv_bn"} and stats(fused).adds > 0
+
+
+def test_disable_branch_sum():
+    fused = fuse_and_check(models.build("repvgg-tiny"), torch.randn(1, 3, 32, 32), disable=["branch_sum"])
+    assert "branch_sum" not in fused_counts(fused) and stats(fused).adds > 0
+
+
+def test_register_rule_rejects_duplicate_name():
+    with pytest.raises(ValueError, match="already registered"):
+        fxfuse.register_rule("conv_bn")(lambda ctx, node: None)
+
+
+def test_user_rule_runs_when_enabled_and_is_reported():
+    seen = []
+
+    @fxfuse.register_rule("count_relus", enabled=False)
+    def count_relus(ctx, node):
+        if node.op == "call_module" and isinstance(ctx.read.module(node), nn.ReLU):
+            seen.append(node.name)
+        return None
+
+    try:
+        fuse_and_check(models.build("repvgg-tiny"), torch.randn(1, 3, 32, 32))
+        assert not seen  # disabled by default
+        fuse_and_check(models.build("repvgg-tiny"), torch.randn(1, 3, 32, 32), enable=["count_relus"])
+        assert seen
+    finally:
+        fxfuse.unregister_rule("count_relus")
+
+
+def test_report_contents():
+    model = repvgg_tiny()
+    fused = fxfuse.reparametrize(model, torch.randn(1, 3, 32, 32))
+    report = fused.fxfuse_report
+    assert isinstance(report, fxfuse.FusionReport)
+    assert report.fused["conv_bn"] == report.before.batch_norms - sum(
+        1 for b in model.modules() if isinstance(b, models.RepVGGBlock) and b.identity is not None)
+    assert report.verified and report.verify_dtype == "float64" and report.max_rel_error < 1e-12
+    assert report.before.convs > report.after.convs and report.after.batch_norms == 0
+    text = report.summary()
+    assert "branch_sum=" in text and "verified=True" in text
+    assert report.to_dict()["fused"]["branch_sum"] == report.fused["branch_sum"]
+
+
+def test_input_model_untouched_and_inplace():
+    model = repvgg_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    fxfuse.reparametrize(model, x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    expected = model(x)
+    fused = fxfuse.reparametrize(model, x, inplace=True)
+    torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_false_still_fuses():
+    fused = fxfuse.reparametrize(repvgg_tiny(), torch.randn(1, 3, 32, 32), verify=False)
+    assert fused.fxfuse_report.verified is None and stats(fused).batch_norms == 0
