@@ -72,6 +72,11 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 
+_STOCK_FORWARDS = {cls.forward for cls in (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.Linear, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, *_AVG_MODULES, *_PAD_MODULES)}
+
 META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
 _RANDOM = re.compile(r"rand|dropout|normal|bernoulli|uniform|multinomial|poisson|empty|exponential")
@@ -219,7 +224,14 @@ class Reader:
         self.modules = dict(self.gm.named_modules())
 
     def module(self, node: fx.Node) -> Optional[nn.Module]:
-        return self.modules.get(node.target) if node.op == "call_module" else None
+        """The called module, if it computes exactly what its ``torch.nn`` class does: a subclass that overrides
+        ``forward`` or a module with forward hooks is opaque (``None``)."""
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        if mod is None or mod._forward_hooks or mod._forward_pre_hooks:
+            return None
+        if type(mod).forward not in _STOCK_FORWARDS:
+            return None
+        return mod
 
     # -- convolutions ------------------------------------------------------------------------
     def conv(self, node: fx.Node) -> Union[ConvRead, Refusal, None]:

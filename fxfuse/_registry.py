@@ -128,6 +128,7 @@ class RewriteContext:
         self.skips: Dict[tuple, Unfused] = {}
         self._rule = ""
         self._names: Set[str] = set(dict(gm.named_modules()))
+        self._held: Optional[Set[int]] = None  # storages the module holds (filled on the first insertion)
 
     # -- users -------------------------------------------------------------------------------------
     real_users = staticmethod(real_users)
@@ -180,13 +181,25 @@ class RewriteContext:
             cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
             mod = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.dilation, spec.groups, True, spec.padding_mode, device="meta")
-        weight = spec.weight.detach().clone()
+        weight = spec.weight.detach()
         if like is not None and like.dim() == weight.dim() and like.dim() in (4, 5) \
                 and not like.is_contiguous() and like.is_contiguous(memory_format=_channels_last(like.dim())):
             weight = weight.contiguous(memory_format=_channels_last(like.dim()))
-        mod.weight = nn.Parameter(weight)
-        mod.bias = nn.Parameter(spec.bias.detach().clone().to(weight.device))
+        mod.weight = nn.Parameter(self._own(weight))
+        mod.bias = nn.Parameter(self._own(spec.bias.detach().to(weight.device)))
         return mod
+
+    def _own(self, t: Tensor) -> Tensor:
+        """``t`` for a new parameter: copied only if its storage is shared with a tensor the graph module (or a
+        module added by this pass) already holds; a freshly computed fused tensor is taken without a copy."""
+        if self._held is None:
+            self._held = {_storage_ptr(x) for x in _held_tensors(self.gm)}
+        ptr = _storage_ptr(t)
+        if ptr == 0 or ptr in self._held:
+            t = t.clone()
+            ptr = _storage_ptr(t)
+        self._held.add(ptr)
+        return t
 
     def insert_conv(self, spec: ConvSpec, input: fx.Node, *, before: fx.Node, like: Optional[Tensor] = None,
                     name: Optional[str] = None, same_shape: bool = True) -> fx.Node:
@@ -201,8 +214,8 @@ class RewriteContext:
     def insert_linear(self, weight: Tensor, bias: Tensor, input: fx.Node, *, before: fx.Node,
                       like: Optional[Tensor] = None, name: Optional[str] = None) -> fx.Node:
         mod = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-        mod.weight = nn.Parameter(weight.detach().clone())
-        mod.bias = nn.Parameter(bias.detach().clone().to(weight.device))
+        mod.weight = nn.Parameter(self._own(weight.detach()))
+        mod.bias = nn.Parameter(self._own(bias.detach().to(weight.device)))
         target = self._add_module(mod, name or before.name, like)
         with self.graph.inserting_before(before):
             node = self.graph.call_module(target, (input,))
@@ -239,6 +252,18 @@ def _hoist(node: fx.Node, anchor: fx.Node, order: Dict[fx.Node, int]) -> None:
         _hoist(inp, anchor, order)
     anchor.prepend(node)
     order[node] = order[anchor] - 0.5
+
+
+def _storage_ptr(t: Tensor) -> int:
+    return 0 if t.device.type == "meta" or t.numel() == 0 else t.untyped_storage().data_ptr()
+
+
+def _held_tensors(root: nn.Module):
+    """Every parameter, buffer and plain tensor attribute of ``root``'s modules."""
+    for mod in root.modules():
+        yield from (t for t in mod._parameters.values() if t is not None)
+        yield from (t for t in mod._buffers.values() if t is not None)
+        yield from (v for v in vars(mod).values() if isinstance(v, Tensor))
 
 
 def _channels_last(dim: int) -> torch.memory_format:

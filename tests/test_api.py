@@ -40,7 +40,7 @@ def test_user_rule_runs_when_enabled_and_is_reported():
 
     @fxfuse.register_rule("count_relus", enabled=False)
     def count_relus(ctx, node):
-        if node.op == "call_module" and isinstance(ctx.read.module(node), nn.ReLU):
+        if node.op == "call_module" and isinstance(ctx.gm.get_submodule(node.target), nn.ReLU):
             seen.append(node.name)
         return None
 

@@ -196,3 +196,11 @@ def test_error_unknown_rule_name():
     with pytest.raises(ValueError, match="unknown rule"):
         fuse_and_check(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), torch.randn(1, 1, 2, 2),
                        disable=["no_such_rule"])
+
+
+def test_module_with_forward_hook_is_opaque():
+    """A hook can change what the module returns: such a module is not read as a plain conv."""
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda m, i, o: o * 3)
+    fused = fuse_and_check(hooked, torch.randn(1, 3, 6, 6))
+    assert stats(fused).batch_norms == 1 and not fused_counts(fused)
