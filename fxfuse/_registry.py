@@ -31,6 +31,7 @@ from ._report import Unfused
 from ._spec import ConvSpec
 
 Rewrite = Callable[[], None]
+LATE_PHASE = 90  # rules at or above this priority run only after the others reached their fixed point
 RuleFn = Callable[["RewriteContext", fx.Node], Optional[Rewrite]]
 
 
@@ -285,6 +286,19 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: Set[str] = fr
     applied: List[str] = []
     fused: Counter = Counter()
     denied: List[str] = []
+    skips: Dict[tuple, Unfused] = {}
+    phases = [[r for r in rules if r.priority < LATE_PHASE], [r for r in rules if r.priority >= LATE_PHASE]]
+    for phase in phases:
+        if phase:
+            _sweep(ctx, phase, deny, max_rewrites, max_sweeps, applied, fused, denied)
+            skips.update(ctx.skips)
+    ctx.graph.lint()
+    ctx.gm.recompile()
+    return PassResult(applied, fused, list(skips.values()), denied)
+
+
+def _sweep(ctx: RewriteContext, rules: Sequence[Rule], deny: Set[str], max_rewrites: Optional[int],
+           max_sweeps: int, applied: List[str], fused: Counter, denied: List[str]) -> None:
     for _ in range(max_sweeps):
         ctx.skips.clear()
         if ctx.reshape is not None and any("tensor_meta" not in n.meta for n in ctx.graph.nodes
@@ -294,7 +308,7 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: Set[str] = fr
         for rule in rules:
             ctx._rule = rule.name
             for node in list(ctx.graph.nodes):
-                if getattr(node, "_erased", False) or node.op in ("placeholder", "output", "get_attr"):
+                if getattr(node, "_erased", False) or node.op == "output":
                     continue
                 rewrite = rule.fn(ctx, node)
                 if rewrite is None:
@@ -312,6 +326,3 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: Set[str] = fr
                 changed = True
         if not changed:
             break
-    ctx.graph.lint()
-    ctx.gm.recompile()
-    return PassResult(applied, fused, list(ctx.skips.values()), denied)

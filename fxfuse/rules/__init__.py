@@ -4,4 +4,4 @@
 ``branch_sum`` (40) · ``sequential`` (50) · ``concat`` (60) · ``horizontal`` (90, off by default).
 """
 
-from . import affine_conv, branch_sum, concat, conv_affine, noop, pad_into_conv, sequential  # noqa: F401
+from . import affine_conv, branch_sum, concat, conv_affine, horizontal, noop, pad_into_conv, sequential  # noqa: F401

@@ -90,3 +90,25 @@ def test_grouped_bn_before_conv():
 
     fused = fuse_and_check(M(), torch.randn(2, 6, 4, 4))
     assert fused_counts(fused) == {"bn_conv": 1}
+
+
+class Siblings(nn.Module):
+    """Three dense convs on one input feeding different consumers, plus a strided one that cannot join."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+        self.b = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5))
+        self.c = nn.Conv2d(4, 2, 5, padding=2)
+        self.d = nn.Conv2d(4, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)).sum() + torch.sigmoid(self.b(x)).mean() + self.c(x).amax() + self.d(x).sum()
+
+
+def test_horizontal_is_off_by_default_and_exact_when_enabled():
+    x = torch.randn(2, 4, 6, 6)
+    plain = fuse_and_check(Siblings(), x)
+    assert "horizontal" not in fused_counts(plain) and stats(plain).convs == 4
+    fused = fuse_and_check(Siblings(), x, enable=["horizontal"], second=torch.randn(1, 4, 7, 7))
+    assert fused_counts(fused)["horizontal"] == 1 and stats(fused).convs == 2

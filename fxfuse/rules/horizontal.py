@@ -1,0 +1,50 @@
+"""Horizontal fusion (off by default): sibling convs that read the same input with the same geometry but feed
+different consumers (Inception) ⇒ one conv with stacked output channels followed by ``torch.split``.
+
+Exact (each output channel is computed as before); whether it pays depends on the backend — see
+docs/benchmarks.md. Enable per call with ``reparametrize(..., enable=["horizontal"])``. It runs in a late phase,
+after every other rule has reached its fixed point, so it never hides a merge they would make."""
+
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Optional
+
+import torch
+from torch import fx
+
+from .. import _kernels as K
+from .._graph import ConvRead
+from .._registry import LATE_PHASE, Rewrite, RewriteContext, register_rule
+
+
+@register_rule("horizontal", enabled=False, priority=LATE_PHASE)
+def merge_sibling_convs(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Stack dense sibling convs on one input into one conv + split."""
+    groups: Dict[tuple, List[tuple]] = {}
+    for user in node.users:
+        read = ctx.read.conv(user)
+        if (isinstance(read, ConvRead) and read.kind == "conv" and read.input is node and read.spec.groups == 1
+                and read.spec.padding_mode == "zeros" and ctx.shape(user) is not None):
+            key = (read.spec.stride, read.spec.centre(), read.spec.ndim)
+            groups.setdefault(key, []).append((user, read))
+    runs = [members for members in groups.values() if len(members) > 1]
+    if not runs:
+        return None
+
+    def rewrite() -> None:
+        for members in runs:
+            order = {n: i for i, n in enumerate(ctx.graph.nodes)}
+            members = sorted(members, key=lambda m: order[m[0]])
+            first = members[0][0]
+            spec = K.stack_parallel([r.spec for _, r in members])
+            merged = ctx.insert_conv(spec, node, before=first, like=members[0][1].like, name=first.name,
+                                     same_shape=False)
+            sizes = [r.spec.out_channels for _, r in members]
+            with ctx.graph.inserting_before(first):
+                parts = ctx.graph.call_function(torch.split, (merged, sizes), {"dim": 1})
+                pieces = [ctx.graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+            for (user, _), piece in zip(members, pieces):
+                ctx.replace(user, piece)
+
+    return rewrite
