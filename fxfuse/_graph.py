@@ -78,6 +78,7 @@ _STOCK_FORWARDS = {cls.forward for cls in (
     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, *_AVG_MODULES, *_PAD_MODULES)}
 
 META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
 META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
 _RANDOM = re.compile(r"rand|dropout|normal|bernoulli|uniform|multinomial|poisson|empty|exponential")
 _INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
@@ -96,18 +97,22 @@ def shape_of(node: Any) -> Optional[torch.Size]:
     return getattr(meta, "shape", None)
 
 
-def is_metadata_user(user: fx.Node) -> bool:
-    """Users that read only shape/dtype/device (``x.shape``, ``x.ndim``, ``x.size()``): a fold that keeps the
-    shape does not change what they see."""
+def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:
+    """Users that read only shape/dtype/device of ``of`` (``x.shape``, ``x.ndim``, ``x.size()``, and the template
+    argument of ``t.reshape_as(x)`` / ``view_as`` / ``expand_as`` / ``type_as``): a fold that keeps the shape does
+    not change what they see."""
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) > 1 and user.args[1] in META_ATTRS
     if user.op == "call_method":
-        return user.target in META_METHODS
+        if user.target in META_METHODS:
+            return True
+        return (of is not None and user.target in AS_METHODS and len(user.args) == 2 and not user.kwargs
+                and user.args[1] is of and user.args[0] is not of)
     return False
 
 
 def real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not is_metadata_user(u)]
+    return [u for u in node.users if not is_metadata_user(u, node)]
 
 
 def single_real_user(node: fx.Node) -> Optional[fx.Node]:

@@ -228,10 +228,10 @@ class RewriteContext:
         folded into ``new``) hand their metadata users to ``new`` and are erased with ``old`` when dead."""
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
-        moved = [u for c in consumed for u in list(c.users) if is_metadata_user(u)]
+        moved = [u for c in consumed for u in list(c.users) if is_metadata_user(u, c)]
         for c in consumed:
             for u in list(c.users):
-                if is_metadata_user(u):
+                if is_metadata_user(u, c):
                     u.replace_input_with(c, new)
         if moved:
             order = {n: i for i, n in enumerate(self.graph.nodes)}

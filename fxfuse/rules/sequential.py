@@ -72,7 +72,7 @@ def merge_sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None
     if ctx.single_user(mid) is not node:
         return ctx.skip(node, f"intermediate {mid.name} has other users")
-    if any(is_metadata_user(u) for u in mid.users):
+    if any(is_metadata_user(u, mid) for u in mid.users):
         return ctx.skip(node, f"the shape of intermediate {mid.name} is read")
     reason = K.why_not_composable(first.spec, second.spec)
     if reason:

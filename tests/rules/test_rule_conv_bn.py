@@ -204,3 +204,27 @@ def test_module_with_forward_hook_is_opaque():
     hooked[0].register_forward_hook(lambda m, i, o: o * 3)
     fused = fuse_and_check(hooked, torch.randn(1, 3, 6, 6))
     assert stats(fused).batch_norms == 1 and not fused_counts(fused)
+
+
+class TokenMLP(nn.Module):
+    """Linear on [B, T, C] normalized through views: bn(y.flatten(0, 1)).reshape_as(y)."""
+
+    def __init__(self, mix_axes=False):
+        super().__init__()
+        self.fc, self.bn, self.mix_axes = nn.Linear(6, 4), nn.BatchNorm1d(4 if not mix_axes else 3), mix_axes
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.mix_axes:  # [B, T=3, C=4] viewed as [B*4, 3]: BN over the wrong axis, not per feature
+            return self.bn(y.transpose(1, 2).reshape(-1, 3)).reshape(y.shape[0], 4, 3)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def test_bn_through_views_after_linear():
+    fused = fuse_and_check(TokenMLP(), torch.randn(2, 3, 6), second=torch.randn(5, 3, 6))
+    assert fused_counts(fused) == {"linear_view_bn": 1} and stats(fused).nodes == 1
+
+
+def test_bn_through_axis_mixing_views_stays():
+    fused = fuse_and_check(TokenMLP(mix_axes=True), torch.randn(2, 3, 6))
+    assert stats(fused).batch_norms == 1
