@@ -228,3 +228,36 @@ def test_bn_through_views_after_linear():
 def test_bn_through_axis_mixing_views_stays():
     fused = fuse_and_check(TokenMLP(mix_axes=True), torch.randn(2, 3, 6))
     assert stats(fused).batch_norms == 1
+
+
+def test_sync_batchnorm_in_eval_folds():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
+    fused = fuse_and_check(model, torch.randn(2, 3, 6, 6))
+    assert fused_counts(fused) == {"conv_bn": 1} and stats(fused).batch_norms == 0
+
+
+def test_lazy_modules_once_materialized():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    model(torch.randn(1, 3, 6, 6))  # materialize
+    fused = fuse_and_check(model, torch.randn(2, 3, 6, 6))
+    assert fused_counts(fused) == {"conv_bn": 1}
+
+
+class TiedWeights(nn.Module):
+    """Two convs sharing one weight Parameter, each followed by its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn_a(self.a(x)) + self.b(torch.relu(self.bn_b(self.b(x))))
+
+
+def test_tied_parameters_are_copied_not_mutated():
+    model = TiedWeights()
+    fused = fuse_and_check(model, torch.randn(2, 3, 5, 5))
+    assert model.a.weight is model.b.weight  # the input model keeps its tie
+    assert fused_counts(fused)["conv_bn"] == 2 and stats(fused).batch_norms == 0
