@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -121,16 +122,17 @@ def reparametrize(
         warnings.warn("fxfuse.reparametrize: the model has no parameters or sub-modules; nothing to fuse",
                       UserWarning, stacklevel=2)
 
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _float64_copy(model)
     work.eval()
 
     # float64 where the model allows it: the algebra is then exact to ~1e-13 and verification can be tight.
     plan = _DtypePlan()
-    slot_dtypes = {(id(mod), key): t.dtype for mod, key, t in _slots(work)}
-    reference, run_args = None, args
-    if verify:
-        work.double()
-        run_args = _cast_inputs(args, torch.float64)
+    slot_dtypes = _slot_dtypes(model, work)
+    # Always float64 (also with verify=False, which only skips the reference run): the readers produce float64
+    # fused tensors, so a model left in its own dtype would mix dtypes mid-pass (shape propagation fails).
+    reference = None
+    work.double()
+    run_args = _cast_inputs(args, torch.float64)
     try:
         if verify:
             with torch.no_grad():
@@ -186,6 +188,24 @@ def _has_float_tensor(output: Any) -> bool:
     return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
 
 
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with its floating parameters and buffers created in float64 directly: one new
+    tensor per weight instead of a copy and then a cast (on big models the pass is bound by fresh memory)."""
+    memo: Dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if type(t) in (Tensor, nn.Parameter) and t.is_floating_point() and id(t) not in memo:
+            t64 = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(t64, t.requires_grad) if isinstance(t, nn.Parameter) else t64
+    return copy.deepcopy(model, memo)
+
+
+def _slot_dtypes(model: nn.Module, work: nn.Module) -> Dict[Tuple[int, str], torch.dtype]:
+    """``(id(module of work), slot name) -> dtype`` of the matching slot of ``model`` (``work`` is ``model`` or
+    its deepcopy, so the two module trees correspond one to one)."""
+    return {(id(w), key): t.dtype for m, w in zip(model.modules(), work.modules())
+            for store in (m._parameters, m._buffers) for key, t in store.items() if t is not None}
+
+
 def _slots(module: nn.Module):
     """``(module, name, tensor)`` for every parameter and buffer slot."""
     for mod in module.modules():
@@ -218,15 +238,26 @@ def _merge_top(report: FusionReport, sub: FusionReport) -> None:
 
 # ------------------------------------------------------------------------------------- one graph
 def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, plan: _DtypePlan,
-             deny: set, max_rewrites: Optional[int]) -> Tuple[fx.GraphModule, Any, RewriteContext]:
-    gm = trace(module)
-    propagate_shapes(gm, calls[0])
+             deny: set, max_rewrites: Optional[int],
+             gm: Optional[fx.GraphModule] = None) -> Tuple[fx.GraphModule, Any, RewriteContext]:
+    gm = trace(module) if gm is None else gm  # the caller's fresh trace is used once, then traced anew
+    try:
+        propagate_shapes(gm, calls[0])
+    except Exception as exc:  # noqa: BLE001 - the traced graph does not run on the recorded inputs
+        raise UnfaithfulTrace(f"the traced graph does not run ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from exc
     default_dtype = _dominant_dtype(plan, module)
     requires_grad = any(p.requires_grad for p in module.parameters())
     ctx = RewriteContext(gm, plan.as_id_map(), default_dtype, requires_grad,
                          reshape=lambda: propagate_shapes(gm, calls[0]))
     result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
     gm.delete_all_unused_submodules()
+    if any(p.is_floating_point() and p.dtype != torch.float64 for p in module.parameters()):
+        # float64 copy impossible: the model runs in its own dtypes, so the float64 fused layers must too.
+        live = dict(gm.named_modules())
+        for name, dt in ctx.new_modules.items():
+            if name in live:
+                live[name].to(dt)
     gm.recompile()
     return gm, result, ctx
 
@@ -265,22 +296,25 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
     deny: set = set()
     rolled: List[str] = []
     dtype = _leaf_dtype(calls[0].output)
+    first: Optional[fx.GraphModule] = gm
     for _ in range(opts.max_rollbacks + 1):
-        fused, result, ctx = _attempt(module, calls, opts, plan, deny, None)
+        fused, result, ctx = _attempt(module, calls, opts, plan, deny, None, first)
+        first = None
         if not opts.verify:
             break
         cmp = _check(fused, calls, opts)
         if cmp.ok:
             break
-        if not result.applied:
-            raise UnfaithfulTrace(f"the traced graph itself differs from the model ({cmp.detail}); torch.fx did "
-                                  "not capture its semantics (e.g. `a += b` on an aliased tensor traces as an "
-                                  "out-of-place add)")
 
         def passes(k: int) -> bool:
             candidate, _, _ = _attempt(module, calls, opts, plan, deny, k)
             return _check(candidate, calls, opts).ok
 
+        # Bisection needs the graph with no rewrite to pass; if it does not, no rollback can help.
+        if not result.applied or (not rolled and not passes(0)):
+            raise UnfaithfulTrace(f"the traced graph itself differs from the model ({cmp.detail}); torch.fx did "
+                                  "not capture its semantics (e.g. `a += b` on an aliased tensor traces as an "
+                                  "out-of-place add)")
         culprit = result.applied[first_bad_rewrite(result.applied, passes) - 1]
         deny.add(culprit)
         rolled.append(culprit)
@@ -315,6 +349,22 @@ def _leaf_dtype(output: Any) -> Optional[torch.dtype]:
 
 
 # ------------------------------------------------------------------------ untraceable models
+def _keep_attributes(original: nn.Module, fused: nn.Module) -> None:
+    """Give ``fused`` the public instance attributes of the module it replaces that it lacks (e.g. RAFT's
+    ``self.update_block.hidden_state_size``): the untraced parent code may read them."""
+    for key, value in vars(original).items():
+        if not key.startswith("_") and key not in vars(fused) and not hasattr(type(fused), key):
+            setattr(fused, key, value)
+
+
+def _swap_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child in ``root``'s module tree."""
+    for mod in list(root.modules()):
+        for name, child in list(mod.named_children()):
+            if child is old:
+                setattr(mod, name, new)
+
+
 def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: Any, opts: _Options,
                         plan: _DtypePlan, report: FusionReport, trace_error: Exception) -> nn.Module:
     """Descend the module tree; replace every largest sub-module that traces by its rewritten GraphModule,
@@ -323,6 +373,7 @@ def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: A
     report.submodules["<root>"] = f"not traced: {type(trace_error).__name__}: {str(trace_error).splitlines()[0]}"
     calls = capture_calls(work, run_args)
     done: Dict[int, nn.Module] = {}
+    replaced: List[Tuple[str, nn.Module, FusionReport]] = []  # (path, original sub-module, its report)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
@@ -333,7 +384,10 @@ def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: A
             if not any(True for _ in child.children()):
                 continue  # a leaf: nothing inside to fuse
             if id(child) not in calls:
-                report.submodules[path] = "not run on the example input; left as is"
+                if any(id(m) in calls for m in child.modules()):  # a container (ModuleList) whose items ran
+                    visit(child, path)
+                else:
+                    report.submodules[path] = "not run on the example input; left as is"
                 continue
             try:
                 gm = trace(child)
@@ -351,17 +405,43 @@ def _rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], reference: A
                 report.submodules[path] = f"left as is: {exc}"
                 continue
             report.submodules[path] = f"rewritten: {sub.total_fused} rewrites"
-            report.merge(path, sub)
+            replaced.append((path, child, sub))
+            _keep_attributes(child, fused)
             done[id(child)] = fused
             setattr(parent, name, fused)
 
     visit(work, "")
     if opts.verify:
-        with torch.no_grad():
-            out = work(*run_args)
-        cmp = compare(reference, out, opts.rtol, opts.atol)
+        whole = [Call(run_args, {}, reference)]
+        cmp = _check(work, whole, opts)
+        if not cmp.ok:
+            # A sub-module equal on its own recorded inputs and output can still change the whole model through
+            # side effects (e.g. `a += b` on a tensor it also appends to a list argument). Undo one sub-module
+            # rewrite if that suffices (trying each, latest first), else undo them latest first until the whole
+            # model is equal again (the original model is, so this ends).
+            detail, undo = cmp.detail, []
+            for i in reversed(range(len(replaced))):
+                _swap_module(work, done[id(replaced[i][1])], replaced[i][1])
+                cmp = _check(work, whole, opts)
+                if cmp.ok:
+                    undo = [i]
+                    break
+                _swap_module(work, replaced[i][1], done[id(replaced[i][1])])
+            for i in reversed(range(len(replaced)) if not undo else []):
+                _swap_module(work, done[id(replaced[i][1])], replaced[i][1])
+                undo.append(i)
+                cmp = _check(work, whole, opts)
+                if cmp.ok:
+                    break
+            for i in sorted(undo, reverse=True):
+                path, original, _ = replaced.pop(i)
+                done.pop(id(original))
+                report.submodules[path] = f"rewrite undone: the whole model differed with it ({detail})"
+                report.warnings.append(f"sub-module {path}: rewrite undone, the whole model differed with it")
         report.verified, report.max_abs_error, report.max_rel_error = cmp.ok, cmp.max_abs, cmp.max_rel
         report.tolerance, report.verify_dtype = cmp.tolerance, str(_leaf_dtype(reference)).replace("torch.", "")
         if not cmp.ok:
             raise FusionError(f"model with rewritten sub-modules differs from the original: {cmp.detail}")
+    for path, _, sub in replaced:
+        report.merge(path, sub)
     return work

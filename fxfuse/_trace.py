@@ -3,6 +3,7 @@ trace as a whole (data-dependent control flow: detection heads, RAFT, …)."""
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
@@ -23,9 +24,22 @@ class Call:
     output: Any
 
 
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that keeps an ``OrderedDict`` (segmentation / backbone outputs) an ``OrderedDict``: plain fx
+    turns it into a ``dict``, which changes the traced module's output type (and its pytree structure)."""
+
+    def create_arg(self, a: Any) -> Any:
+        if type(a) is collections.OrderedDict:
+            return self.create_node("call_function", collections.OrderedDict, (self.create_arg(list(a.items())),), {})
+        return super().create_arg(a)
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace``; ``torch.nn`` modules stay leaves, everything else is inlined."""
-    return fx.symbolic_trace(module)
+    """``torch.fx.symbolic_trace`` (``OrderedDict`` values kept); ``torch.nn`` modules stay leaves, everything else
+    is inlined."""
+    tracer = _Tracer()
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
 
 
 def _snapshot(x: Any) -> Any:
@@ -62,13 +76,40 @@ def capture_calls(model: nn.Module, args: Tuple[Any, ...]) -> Dict[int, List[Cal
     return calls
 
 
+def _mutable(a: Any) -> Any:
+    """fx's immutable lists/dicts inside node arguments as plain ones (tuples stay tuples)."""
+    if isinstance(a, (list, tuple)):
+        items = [_mutable(v) for v in a]
+        return items if isinstance(a, list) else (type(a)(*items) if hasattr(a, "_fields") else type(a)(items))
+    if isinstance(a, dict):
+        return {k: _mutable(v) for k, v in a.items()}
+    return a
+
+
+class _MetaShapeProp(ShapeProp):
+    """``ShapeProp`` that (1) gives a BatchNorm module's output the input's meta tensor layout directly (its output
+    is shaped like its input; PyTorch's meta BatchNorm is a Python decomposition costing milliseconds per call) and
+    (2) passes list/dict arguments as mutable copies, as the generated code does (a traced helper may mutate a
+    list it receives, e.g. torchvision's ``_get_window_and_shift_size``; fx's argument lists are immutable)."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and args[0].is_meta \
+                and isinstance(self.fetch_attr(target), nn.modules.batchnorm._BatchNorm):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+
 class _Holder(nn.Module):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__()
         self.gm = gm
 
     def forward(self, *args: Any) -> Any:
-        return ShapeProp(self.gm).propagate(*args)
+        return _MetaShapeProp(self.gm).propagate(*args)
 
 
 def propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
@@ -88,4 +129,4 @@ def propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
     except Exception:  # noqa: BLE001 - some op lacks a meta kernel: do it for real
         pass
     with torch.no_grad():
-        ShapeProp(gm).propagate(*values)
+        _MetaShapeProp(gm).propagate(*values)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, fx
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from .. import _kernels as K
 from .._graph import ConvRead
@@ -61,6 +62,26 @@ def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
     return False
 
 
+_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                    torch.div, torch.cat, torch.relu, torch.sigmoid, F.conv1d, F.conv2d, F.conv3d, F.batch_norm,
+                    F.linear, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "clone"}
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.modules.pooling._AvgPoolNd)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid)
+
+
+def _owns_storage(ctx: RewriteContext, node: fx.Node) -> bool:
+    """Is ``node`` an op known to return a new tensor (not a view or alias of its input, a graph input or a
+    parameter)? An in-place add on an alias also changes what the aliased tensor's other readers see, which a
+    merged, out-of-place sum would not reproduce."""
+    if node.op == "call_module":
+        mod = ctx.read.modules.get(node.target)
+        return isinstance(mod, _FRESH_MODULES) or (isinstance(mod, _ACTIVATIONS) and not getattr(mod, "inplace", False))
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in _FRESH_METHODS
+
+
 @dataclass
 class Branch:
     input: fx.Node
@@ -83,7 +104,14 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
         operands, in_place = parsed
         if in_place:
             target = node.args[0]
-            if any(u is not node and _comes_after(u, node) for u in ctx.real_users(target)):
+            chain = [target]  # an in-place add on an in-place add's result writes the same storage
+            while isinstance(target, fx.Node) and (p := as_sum(ctx, target)) is not None and p[1]:
+                target = target.args[0]
+                chain.append(target)
+            if not _owns_storage(ctx, target):
+                ctx.skip(root, f"in-place add on {target.name}, which may alias a tensor read elsewhere")
+                return False
+            if any(u is not node and _comes_after(u, node) for t in chain for u in ctx.real_users(t)):
                 ctx.skip(root, f"in-place add mutates {target.name}, which is read again later")
                 return False
         for c, operand in operands:
@@ -174,6 +202,15 @@ def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewr
         pieces.extend(others)
         result = _emit_sum(ctx, pieces, before=node)
         ctx.replace(node, result, consumed=consumed)
+        # In-place adds (``a.add_(b)``) are impure, so replace() keeps them; left in the graph they would still
+        # mutate a term the new sum reads (counting it twice) and be matched again next sweep. _flatten proved
+        # their targets are not read afterwards, so once unused they are erased.
+        for n in (node, *inner):
+            if not getattr(n, "_erased", False) and not n.users:
+                inputs = list(n.all_input_nodes)
+                ctx.graph.erase_node(n)
+                for i in inputs:
+                    ctx.erase_if_dead(i)
 
     return rewrite
 
