@@ -43,18 +43,20 @@ class Rule:
     name: str
     fn: RuleFn
     enabled: bool = True
-    priority: int = 100
+    priority: int = 70
     description: str = ""
 
 
 _RULES: Dict[str, Rule] = {}
 
 
-def register_rule(name: Optional[str] = None, *, enabled: bool = True, priority: int = 100,
+def register_rule(name: Optional[str] = None, *, enabled: bool = True, priority: int = 70,
                   replace: bool = False) -> Callable[[RuleFn], RuleFn]:
     """Decorator registering ``fn(ctx, node)`` as a rewrite rule (see module docstring).
 
-    ``priority`` orders rules within one sweep (lower first; built-ins use 10..90). ``enabled=False`` keeps the
+    ``priority`` orders rules within one sweep (lower first; built-ins use 0..60, so the default 70 runs a user
+    rule after them in every sweep of the main phase). Priorities ≥ ``LATE_PHASE`` (90) run only after the main
+    phase has reached its fixed point. ``enabled=False`` keeps the
     rule out of the default set: enable it per call with ``reparametrize(..., enable=[name])``. Registering an
     existing name raises ``ValueError`` unless ``replace=True``."""
 
