@@ -184,7 +184,16 @@ def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewr
             if merged.weight.numel() > sum(b.spec.weight.numel() for b in part):
                 ctx.skip(node, "merging these branches would increase the work (groups expand to "
                                f"{merged.groups})")
-                leftovers.extend(part)
+                # Branches of identical geometry still merge for free (the merged kernel is the size of one).
+                same: Dict[tuple, List[Branch]] = {}
+                for b in part:
+                    same.setdefault((b.spec.kernel_size, b.spec.dilation, b.spec.padding, b.spec.groups), []).append(b)
+                for sub in same.values():
+                    if len(sub) > 1 and any(b.is_conv for b in sub):
+                        merges.append((K.sum_parallel([b.spec for b in sub]), source,
+                                       next(b.like for b in sub if b.is_conv), sub))
+                    else:
+                        leftovers.extend(sub)
                 continue
             like = next(b.like for b in part if b.is_conv)
             merges.append((merged, source, like, part))
