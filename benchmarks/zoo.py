@@ -375,7 +375,9 @@ class ZooRow:
     rewrites_by_rule: Dict[str, int] = field(default_factory=dict)
     pass_s: float = 0.0
     max_rel_error: float = math.nan
-    speed_ratio: float = math.nan
+    speed_ratio: float = math.nan  # median of paired per-round ratios original / fused
+    speed_min: float = math.nan
+    speed_max: float = math.nan
     speed_batch: int = 0
     unfused_conv_bn: List[str] = field(default_factory=list)
     untraced_bns: List[str] = field(default_factory=list)
@@ -496,7 +498,8 @@ def _check(case: ZooCase, row: ZooRow, speed: bool, min_run_time: float) -> None
         model32, fused32 = model.float(), fused.float()
         del model, fused
         gc.collect()
-        row.speed_ratio = speed_ratio(model32, fused32, _float(case.inputs(1)), min_run_time)
+        row.speed_ratio, row.speed_min, row.speed_max = speed_ratio(model32, fused32, _float(case.inputs(1)),
+                                                                    min_run_time)
     if row.failures:
         row.status = "FAIL"
 
@@ -575,25 +578,27 @@ def float64_submodule_check(model: nn.Module, fused: nn.Module, args: Tuple[Any,
 
 
 def speed_ratio(original: nn.Module, fused: nn.Module, args: Tuple[Any, ...], min_run_time: float,
-                rounds: int = 5, threads: int = 1) -> float:
-    """Median time of ``original(*args)`` over that of ``fused(*args)`` (>1: fused is faster), with
-    ``torch.utils.benchmark.Timer``; the two take turns in ``rounds`` rounds in this process. One thread by
-    default: on a shared 2-core machine a multi-threaded run stalls whenever another process takes a core."""
+                rounds: int = 7, threads: int = 1) -> Tuple[float, float, float]:
+    """``original(*args)`` time over ``fused(*args)`` time (>1: fused is faster) with ``torch.utils.benchmark.Timer``:
+    the two take turns in ``rounds`` rounds in this process (order alternating), each round gives the ratio of the
+    two ``blocked_autorange`` medians measured next to each other; returns (median, min, max) of those paired
+    ratios, so that drifting load on a shared machine cancels. One thread by default: on a shared 2-core machine a
+    multi-threaded run stalls whenever another process takes a core."""
     from torch.utils.benchmark import Timer
 
-    times: Dict[str, List[float]] = {"original": [], "fused": []}
     models = {"original": original, "fused": fused}
+    ratios: List[float] = []
     with torch.no_grad():
         for m in models.values():
             m(*args)  # warm-up
         for r in range(rounds):
             order = ("original", "fused") if r % 2 == 0 else ("fused", "original")
+            t: Dict[str, float] = {}
             for key in order:
-                timer = Timer("m(*args)", globals={"m": models[key], "args": args},
-                              num_threads=threads)
-                with torch.no_grad():
-                    times[key].append(timer.blocked_autorange(min_run_time=min_run_time).median)
-    return statistics.median(times["original"]) / statistics.median(times["fused"])
+                timer = Timer("m(*args)", globals={"m": models[key], "args": args}, num_threads=threads)
+                t[key] = timer.blocked_autorange(min_run_time=min_run_time).median
+            ratios.append(t["original"] / t["fused"])
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 # ------------------------------------------------------------------------------------------- pass speed
@@ -663,6 +668,12 @@ def _fmt_err_row(r: "ZooRow") -> str:
     return f"{_fmt_err(r.max_rel_error)} (float32); sub-modules in float64: {_fmt_err(r.max_rel_error_f64)}"
 
 
+def _fmt_speed(r: "ZooRow") -> str:
+    if math.isnan(r.speed_ratio):
+        return "—"
+    return f"{r.speed_ratio:.2f} ({r.speed_min:.2f}–{r.speed_max:.2f})"
+
+
 def _fmt_ratio(r: float) -> str:
     return "—" if math.isnan(r) else f"{r:.2f}"
 
@@ -706,7 +717,7 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
                  "module and functional calls); fused rewrites (by rule); pass time of `reparametrize` on the "
                  "float64 model with `verify=True`; max relative error (float64, max over both batch sizes of "
                  "`max|Δ| / max|ref|` per output); CPU speed ratio original / fused in float32 at batch 1 "
-                 "(>1: fused is faster); status.")
+                 "(>1: fused is faster), median (min–max) of paired rounds; status.")
     lines.append("")
     lines.append("| model | kind | input | convs | BNs | rewrites | pass s | max rel err | speed ×"
                  " | status |")
@@ -715,7 +726,7 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
         rules = ", ".join(f"{k} {v}" for k, v in sorted(r.rewrites_by_rule.items()))
         lines.append(f"| {r.name} | {r.kind} | {r.input} | {r.convs[0]} → {r.convs[1]} | "
                      f"{r.batch_norms[0]} → {r.batch_norms[1]} | {r.rewrites}{f' ({rules})' if rules else ''} | "
-                     f"{r.pass_s:.2f} | {_fmt_err_row(r)} | {_fmt_ratio(r.speed_ratio)} | {_status(r)} |")
+                     f"{r.pass_s:.2f} | {_fmt_err_row(r)} | {_fmt_speed(r)} | {_status(r)} |")
     lines.append("")
     remaining = [r for r in rows if r.batch_norms[1] > 0 or r.status in ("refused", "fallback", "FAIL")
                  or r.untraced_bns or r.float32_reason]
@@ -832,7 +843,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "RAFT cannot run in float64 (torchvision builds its coordinate grid in float32), so it is checked in "
         "float32 and its rewritten sub-modules in float64 (see below). Speed: float32, batch 1, one torch thread "
         "(robust on this shared 2-core machine), `torch.utils.benchmark.Timer.blocked_autorange(min_run_time="
-        f"{args.min_run_time})`, original and fused alternating over 5 rounds in one process, ratio of medians.",
+        f"{args.min_run_time})`, original and fused alternating over 7 rounds in one process; the column gives "
+        "the median (min–max) of the 7 paired ratios original / fused (>1: fused is faster).",
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(render(rows, header, speed_info))
