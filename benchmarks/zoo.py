@@ -60,6 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxfuse  # noqa: E402
+from fxfuse._trace import capture_calls  # noqa: E402
 from fxfuse.models import randomize_batchnorm_  # noqa: E402
 
 RTOL = 1e-9
@@ -537,19 +538,8 @@ def float64_submodule_check(model: nn.Module, fused: nn.Module, args: Tuple[Any,
     shipped in ``fused`` (same code, bit-identical parameters)."""
     report = fused.fxfuse_report
     paths = [p for p, why in report.submodules.items() if why.startswith("rewritten")]
-    records: Dict[str, List[Tuple[Any, Any]]] = {p: [] for p in paths}
-    handles = []
-    for p in paths:
-        def hook(mod: nn.Module, a: Any, kw: Any, p: str = p) -> None:
-            if len(records[p]) < 2:
-                records[p].append(tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, (a, kw)))
-        handles.append(model.get_submodule(p).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    recorded = capture_calls(model, args)  # fxfuse's own fallback capture: inputs of every sub-module call
+    records = {p: [(c.args, c.kwargs) for c in recorded.get(id(model.get_submodule(p)), [])] for p in paths}
     out: Dict[str, SubmoduleCheck] = {}
     for p in paths:
         check = out[p] = SubmoduleCheck()
