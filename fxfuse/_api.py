@@ -7,7 +7,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from ._errors import FusionError
 from ._registry import RewriteContext, Rule, RuleLike, resolve_rules, run_rules
-from ._report import FusionReport, GraphStats, Unfused
+from ._report import FusionReport, GraphStats
 from ._trace import Call, capture_calls, propagate_shapes, trace
 from ._verify import Comparison, compare, first_bad_rewrite
 
@@ -237,7 +237,28 @@ def _merge_top(report: FusionReport, sub: FusionReport) -> None:
 
 
 # ------------------------------------------------------------------------------------- one graph
-def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, plan: _DtypePlan,
+@dataclass
+class _Target:
+    """What every attempt on one module shares: the dtype each tensor goes back to, the dtype for fused tensors
+    without an original (most parameters' dtype), and whether fused parameters require grad."""
+
+    dtypes: Dict[int, torch.dtype]
+    default_dtype: torch.dtype
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, module: nn.Module, plan: _DtypePlan) -> "_Target":
+        ids = plan.as_id_map()
+        counts: Dict[torch.dtype, int] = {}
+        for p in module.parameters():
+            d = ids.get(id(p), p.dtype)
+            if d.is_floating_point:
+                counts[d] = counts.get(d, 0) + p.numel()
+        default = max(counts, key=counts.get) if counts else torch.get_default_dtype()
+        return cls(ids, default, any(p.requires_grad for p in module.parameters()))
+
+
+def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, target: _Target,
              deny: set, max_rewrites: Optional[int],
              gm: Optional[fx.GraphModule] = None) -> Tuple[fx.GraphModule, Any, RewriteContext]:
     gm = trace(module) if gm is None else gm  # the caller's fresh trace is used once, then traced anew
@@ -246,30 +267,16 @@ def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, plan: _Dt
     except Exception as exc:  # noqa: BLE001 - the traced graph does not run on the recorded inputs
         raise UnfaithfulTrace(f"the traced graph does not run ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from exc
-    default_dtype = _dominant_dtype(plan, module)
-    requires_grad = any(p.requires_grad for p in module.parameters())
-    ctx = RewriteContext(gm, plan.as_id_map(), default_dtype, requires_grad,
+    ctx = RewriteContext(gm, target.dtypes, target.default_dtype, target.requires_grad,
                          reshape=lambda: propagate_shapes(gm, calls[0]))
     result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
     gm.delete_all_unused_submodules()
     if any(p.is_floating_point() and p.dtype != torch.float64 for p in module.parameters()):
         # float64 copy impossible: the model runs in its own dtypes, so the float64 fused layers must too.
-        live = dict(gm.named_modules())
-        for name, dt in ctx.new_modules.items():
-            if name in live:
-                live[name].to(dt)
+        for mod, dt in ctx.live_new_modules():
+            mod.to(dt)
     gm.recompile()
     return gm, result, ctx
-
-
-def _dominant_dtype(plan: _DtypePlan, module: nn.Module) -> torch.dtype:
-    ids = plan.as_id_map()
-    counts: Dict[torch.dtype, int] = {}
-    for p in module.parameters():
-        d = ids.get(id(p), p.dtype)
-        if d.is_floating_point:
-            counts[d] = counts.get(d, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.get_default_dtype()
 
 
 def _check(gm: nn.Module, calls: Sequence[Call], opts: _Options) -> Comparison:
@@ -297,8 +304,9 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
     rolled: List[str] = []
     dtype = _leaf_dtype(calls[0].output)
     first: Optional[fx.GraphModule] = gm
+    target = _Target.of(module, plan)
     for _ in range(opts.max_rollbacks + 1):
-        fused, result, ctx = _attempt(module, calls, opts, plan, deny, None, first)
+        fused, result, ctx = _attempt(module, calls, opts, target, deny, None, first)
         first = None
         if not opts.verify:
             break
@@ -307,7 +315,7 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
             break
 
         def passes(k: int) -> bool:
-            candidate, _, _ = _attempt(module, calls, opts, plan, deny, k)
+            candidate, _, _ = _attempt(module, calls, opts, target, deny, k)
             return _check(candidate, calls, opts).ok
 
         # Bisection needs the graph with no rewrite to pass; if it does not, no rollback can help.
@@ -320,11 +328,9 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
         rolled.append(culprit)
     else:
         raise FusionError(f"could not produce an equal model after {opts.max_rollbacks} rollbacks: {cmp.detail}")
-    live = dict(fused.named_modules())
-    for name, dt in ctx.new_modules.items():
-        if name in live:
-            for t in live[name].parameters():
-                plan.record(t, dt)
+    for mod, dt in ctx.live_new_modules():
+        for t in mod.parameters():
+            plan.record(t, dt)
     report.fused = result.fused
     report.unfused = result.unfused
     report.applied = result.applied

@@ -9,11 +9,10 @@ Both graph spellings are read: ``call_module`` (``nn.Conv2d``, ``nn.BatchNorm2d`
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F

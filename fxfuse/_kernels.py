@@ -62,7 +62,6 @@ def conv_then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec:
     affine = _on(affine, w)
     if spec.transposed:
         c_in, out_per_group = w.shape[0], w.shape[1]
-        in_per_group = c_in // spec.groups
         out_idx = input_channel_index(c_in, out_per_group, spec.groups, w.device)
         scale = affine.scale[out_idx].reshape(c_in, out_per_group, *([1] * spec.ndim))
         new_w = w * scale

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -240,6 +240,11 @@ class RewriteContext:
             _hoist(new, min(moved, key=order.__getitem__), order)
         for n in (old, *consumed):
             erase_if_dead(n, self.read.modules)
+
+    def live_new_modules(self) -> List[Tuple[nn.Module, torch.dtype]]:
+        """Modules this pass added that survived later rewrites, with the dtype each must end up in."""
+        live = dict(self.gm.named_modules())
+        return [(live[name], dt) for name, dt in self.new_modules.items() if name in live]
 
     def erase_if_dead(self, node: fx.Node) -> None:
         """Erase ``node`` (and inputs that become dead) if nothing uses it and it is pure."""

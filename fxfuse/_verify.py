@@ -7,7 +7,7 @@ tolerances wide enough for a correct fold of a deep net (float32: measured 4e-4 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, Tuple
+
+import torchvision
 
 import torch
 from torch import fx, nn
@@ -57,3 +58,21 @@ def fused_counts(gm: nn.Module) -> Dict[str, int]:
 
 def reasons(gm: nn.Module) -> str:
     return " | ".join(u.reason for u in gm.fxfuse_report.unfused)
+
+
+# (convs, batch_norms, adds) the fused versions of the two "realistic" models keep.
+EXPECTED = {"repvgg-tiny": (8, 0, 0), "resnet18": (20, 0, 8)}
+
+
+def make(name: str = "repvgg-tiny", dtype: torch.dtype = torch.float64, seed: int = 0) -> Tuple[nn.Module, torch.Tensor]:
+    """The reference RepVGG (``repvgg-tiny``, 2x3x32x32) or torchvision resnet18 (1x3x64x64), BN randomized."""
+    from fxfuse.models import build
+
+    torch.manual_seed(seed)
+    if name == "resnet18":
+        model, shape = torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)
+    else:
+        model, shape = build(name), (2, 3, 32, 32)
+    randomize_batchnorm_(model, seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
+    return model.eval().to(dtype), x

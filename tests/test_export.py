@@ -20,27 +20,15 @@ from typing import Tuple
 
 import pytest
 import torch
-import torchvision
 from torch import Tensor, nn
 
 import fxfuse
 from fxfuse import GraphStats
-from fxfuse.models import build, randomize_batchnorm_
+from _helpers import EXPECTED, make
 
-# (convs, batch_norms, adds) the fused models keep.
-EXPECTED = {"repvgg-tiny": (8, 0, 0), "resnet18": (20, 0, 8)}
 MODELS = list(EXPECTED)
 
 
-def make(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tuple[nn.Module, Tensor]:
-    torch.manual_seed(seed)
-    if name == "resnet18":
-        model, shape = torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)
-    else:
-        model, shape = build(name), (2, 3, 32, 32)
-    randomize_batchnorm_(model, seed)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
-    return model.eval().to(dtype), x
 
 
 def fused_and_checked(name: str, dtype: torch.dtype = torch.float64) -> Tuple[nn.Module, nn.Module, Tensor]:

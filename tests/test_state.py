@@ -20,25 +20,14 @@ from typing import Dict, Tuple
 
 import pytest
 import torch
-import torchvision
 from torch import Tensor, nn
 
 import fxfuse
 from fxfuse import GraphStats
-from fxfuse.models import build, randomize_batchnorm_
-
-EXPECTED = {"repvgg-tiny": (8, 0, 0), "resnet18": (20, 0, 8)}  # convs, batch_norms, adds after fusion
+from _helpers import EXPECTED, make
 
 
-def make(name: str = "repvgg-tiny", seed: int = 0) -> Tuple[nn.Module, Tensor]:
-    torch.manual_seed(seed)
-    if name == "resnet18":
-        model, shape = torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)
-    else:
-        model, shape = build(name), (2, 3, 32, 32)
-    randomize_batchnorm_(model, seed)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
-    return model.eval().double(), x
+
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

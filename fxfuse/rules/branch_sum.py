@@ -8,7 +8,6 @@ same input with equal stride and window centre are summed on one tap grid after 
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
