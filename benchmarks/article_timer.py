@@ -26,8 +26,8 @@ import torch
 
 import fxfuse
 from fxfuse import models
-from fxfuse._bench import cpu_model_name
-from fxfuse._specs import parse_int_list
+from fxfuse.tools.bench import cpu_model_name
+from fxfuse.tools.model_source import parse_int_list
 
 
 def _sync(device: torch.device) -> None:

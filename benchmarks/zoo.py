@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxfuse  # noqa: E402
-from fxfuse._trace import capture_calls  # noqa: E402
+from fxfuse.capture import capture_calls  # noqa: E402
 from fxfuse.models import randomize_batchnorm_  # noqa: E402
 
 RTOL = 1e-9

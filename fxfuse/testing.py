@@ -31,8 +31,8 @@ try:
 except ImportError as exc:  # pragma: no cover - only without the test extra
     raise ImportError("fxfuse.testing needs hypothesis: pip install 'fxfuse[test]'") from exc
 
-from ._api import reparametrize
-from ._report import op_kind
+from .api import reparametrize
+from .ir.ops import module_kind, op_kind
 from .models import randomize_batchnorm_
 
 __all__ = [

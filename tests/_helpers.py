@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 import fxfuse
-from fxfuse._report import GraphStats
+from fxfuse import GraphStats
 from fxfuse.models import randomize_batchnorm_
 
 

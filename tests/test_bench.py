@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxfuse import cli
-from fxfuse._bench import CSV_COLUMNS, BenchConfig, count_flops, default_batch_sizes, run_bench
+from fxfuse.tools import cli
+from fxfuse.tools.bench import CSV_COLUMNS, BenchConfig, count_flops, default_batch_sizes, run_bench
 
 FAST = ["--min-run-time", "0.01", "--rounds", "2", "--warmup", "1", "--no-progress"]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxfuse import cli
+from fxfuse.tools import cli
 from fxfuse.models import build, randomize_batchnorm_
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from torch import Tensor, fx, nn
 
 import fxfuse
 from fxfuse import FusionError, GraphStats
-from fxfuse._graph import ConvRead
-from fxfuse._kernels import scale_conv
+from fxfuse.ir import ConvRead
+from fxfuse.ir.folds import scale_conv
 from fxfuse.models import build, randomize_batchnorm_
 
 
@@ -132,7 +132,7 @@ def test_dict_tuple_list_outputs_work_and_every_leaf_is_verified() -> None:
     assert (s.convs, s.batch_norms) == (2, 0)
 
     # A wrong rewrite (run before conv_bn) that only shows in the nested leaves is caught and rolled back ...
-    rules = ["conv_bn", fxfuse.Rule("double_c2", double_c2, priority=5)]
+    rules = [fxfuse.Rule("double_c2", double_c2), "conv_bn"]
     fused = fxfuse.reparametrize(model, x, rules=rules)
     assert fused.fxfuse_report.rolled_back == ["double_c2:c2"]
     assert fused.fxfuse_report.fused == {"conv_bn": 2}

@@ -33,9 +33,9 @@ from torch import Tensor, fx, nn
 
 import fxfuse
 import fxfuse.models as M
-from fxfuse import ConvRead, FusionError, RewriteContext
-from fxfuse._graph import Reader, real_users, shape_of
-from fxfuse.rules.branch_sum import as_sum
+from fxfuse import FusionError, RewriteContext
+from fxfuse.ir import ConvRead, Reader, shape_of
+from fxfuse.ir.ops import real_users
 from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, \
     randomize_batchnorm_
 
@@ -732,9 +732,9 @@ def assert_fixed_point(original: nn.Module, fused: fx.GraphModule) -> None:
             if (isinstance(conv, ConvRead) or linear is not None) and len(real_users(node.args[0])) == 1 \
                     and (conv is not None or (shape is not None and len(shape) == 2)):
                 raise AssertionError(f"{node.args[0].name} → {node.name} left unfolded:\n{fused.graph}")
-        parsed = as_sum(_Ctx(read), node) if node.op != "call_module" else None
+        parsed = read.sum(node) if node.op != "call_module" else None
         if parsed is not None:
-            (_, a), (_, b) = parsed[0]
+            (_, a), (_, b) = parsed.terms
             ra, rb = read.conv(a), read.conv(b)
             if (isinstance(ra, ConvRead) and isinstance(rb, ConvRead) and ra.kind == rb.kind == "conv"
                     and ra.input is rb.input and a is not b
@@ -744,13 +744,6 @@ def assert_fixed_point(original: nn.Module, fused: fx.GraphModule) -> None:
                     == (rb.spec.stride, rb.spec.padding, rb.spec.dilation, rb.spec.kernel_size, rb.spec.groups)):
                 raise AssertionError(f"{a.name} + {b.name} (same geometry, same input) left unmerged:\n"
                                      f"{fused.graph}")
-
-
-class _Ctx:
-    """The part of RewriteContext that ``as_sum`` uses."""
-
-    def __init__(self, read: Reader) -> None:
-        self.read = read
 
 
 # ====================================================================================== properties
@@ -785,7 +778,7 @@ def eps_blind_rule() -> Iterator[str]:
     """A user rule with a classic bug: folds conv → BatchNorm2d with ε = 1e-5 whatever the BN's ε is. Exact for
     BNs with ε = 1e-5, wrong for the others. Registered disabled, before conv_bn, and unregistered after."""
 
-    @fxfuse.register_rule(EPS_BLIND, enabled=False, priority=5)
+    @fxfuse.register_rule(EPS_BLIND, enabled=False, before="conv_bn")
     def eps_blind(ctx: RewriteContext, node: fx.Node):
         mod = ctx.read.module(node)
         if not isinstance(mod, nn.BatchNorm2d) or not mod.track_running_stats:

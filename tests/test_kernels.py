@@ -1,12 +1,12 @@
-"""The fold math on its own (fxfuse._kernels): each identity checked against PyTorch's conv ops in float64."""
+"""The fold math on its own (fxfuse.ir.folds): each identity checked against PyTorch's conv ops in float64."""
 
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxfuse import _kernels as K
-from fxfuse._spec import ChannelAffine, ConvSpec
+from fxfuse.ir import folds as K
+from fxfuse.ir import ChannelAffine, ConvSpec
 
 f64 = dict(dtype=torch.float64)
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -14,8 +14,8 @@ from torch import fx, nn
 
 import fxfuse
 import fxfuse.testing as T
-from fxfuse import AffineRead, ConvRead, RewriteContext
-from fxfuse._spec import ConvSpec
+from fxfuse import RewriteContext
+from fxfuse.ir import AffineRead, ConvRead, ConvSpec
 from fxfuse.testing import (
     assert_close_f64,
     assert_reparametrizes,
@@ -135,7 +135,7 @@ def _conv_bn_net() -> nn.Module:
 def _register_wrong_eps(names: List[str], name: str = "wrong_eps_conv_bn") -> str:
     """conv → BN folded with ε + 0.5: runs, has the right structure, and is wrong."""
 
-    @fxfuse.register_rule(name, enabled=False, priority=5)
+    @fxfuse.register_rule(name, enabled=False, before="conv_bn")
     def wrong_eps(ctx: RewriteContext, node: fx.Node):
         mod = ctx.read.module(node)
         if not isinstance(mod, nn.BatchNorm2d):

@@ -3,7 +3,7 @@ their deploy-shaped plain twins, and a BatchNorm randomizer for tests."""
 from __future__ import annotations
 
 from ._bn import randomize_batchnorm_
-from ._registry import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks
+from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks
 from .blocks import (
     ACBlock,
     ACNet,

@@ -1,7 +1,25 @@
-"""Built-in rewrite rules, one file each; importing this package registers them (in priority order):
+"""Built-in rewrite rules, one file per rule, file name == rule name.
 
-``remove_noop`` (0) · ``conv_bn`` (10) · ``linear_view_bn`` (15) · ``bn_conv`` (20) · ``pad_into_conv`` (30) · ``pad_through_pointwise`` (31) ·
-``branch_sum`` (40) · ``sequential`` (50) · ``concat`` (60) · ``horizontal`` (90, off by default).
+:data:`ORDER` is the order table: importing this package imports (and so registers) the rules in this order,
+which is the order they run in within each sweep of their phase (``horizontal`` is ``phase="late"`` and off by
+default). A new built-in rule: add its file here, its section to docs/patterns.md, its test to
+``tests/rules/test_<name>.py`` (checklist in docs/extending.md).
 """
 
-from . import affine_conv, branch_sum, concat, conv_affine, horizontal, noop, pad_into_conv, sequential, view_bn  # noqa: F401
+import importlib
+
+ORDER = (
+    "remove_noop",            # identity / eval dropout out of the way first
+    "conv_bn",                # conv / linear → per-channel affine
+    "linear_view_bn",         # linear → view → BN1d → view back
+    "bn_conv",                # per-channel affine → conv / linear
+    "pad_into_conv",          # zero pad → conv
+    "pad_through_pointwise",  # zero pad after a bias-free 1x1 conv moves before it
+    "branch_sum",             # Σ parallel branches on one input
+    "sequential",             # conv → conv
+    "concat",                 # cat of sibling convs
+    "horizontal",             # late phase, off by default
+)
+
+for _name in ORDER:
+    importlib.import_module(f"{__name__}.{_name}")

@@ -4,7 +4,7 @@ A sum (``a + b``, ``b + a``, ``a += b``, ``torch.add(a, b, alpha=k)``, ``a.add(b
 them) is flattened into terms ``coef · t``. Each term is read as a linear op of some input — a conv, an avg-pool,
 a per-channel affine such as BatchNorm (depthwise 1x1), or the tensor itself (Dirac identity) — and terms on the
 same input with equal stride and window centre are summed on one tap grid after expanding to
-``gcd(groups)`` (fusion-notes §2.2–2.3). Terms that do not merge stay as they were."""
+``gcd(groups)`` (docs/patterns.md, `branch_sum`). Terms that do not merge stay as they were."""
 
 from __future__ import annotations
 
@@ -13,44 +13,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
-from .. import _kernels as K
-from .._graph import ConvRead
-from .._registry import Rewrite, RewriteContext, register_rule
-from .._spec import ConvSpec
-
-_ADD = {operator.add: False, operator.iadd: True, torch.add: False}
-_SUB = {operator.sub: False, operator.isub: True, torch.sub: False}
-_METHOD_ADD = {"add": False, "add_": True, "__add__": False, "__iadd__": True}
-_METHOD_SUB = {"sub": False, "sub_": True, "__sub__": False, "__isub__": True}
-
-
-def as_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Tuple[List[Tuple[float, fx.Node]], bool]]:
-    """``([(1, a), (±alpha, b)], in_place)`` if ``node`` adds/subtracts two non-constant tensors."""
-    if node.op == "call_function" and node.target in _ADD:
-        sign, in_place = 1, _ADD[node.target]
-    elif node.op == "call_function" and node.target in _SUB:
-        sign, in_place = -1, _SUB[node.target]
-    elif node.op == "call_method" and node.target in _METHOD_ADD:
-        sign, in_place = 1, _METHOD_ADD[node.target]
-    elif node.op == "call_method" and node.target in _METHOD_SUB:
-        sign, in_place = -1, _METHOD_SUB[node.target]
-    else:
-        return None
-    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
-        return None
-    a, b = node.args
-    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-        return None
-    if ctx.read.constants.tensor(a) is not None or ctx.read.constants.tensor(b) is not None:
-        return None
-    alpha = node.kwargs.get("alpha", 1)
-    if not isinstance(alpha, (int, float)):
-        return None
-    return [(1.0, a), (float(sign * alpha), b)], in_place
-
+from ..ir import folds
+from ..ir.algebra import ConvSpec
+from ..ir.ops import returns_fresh_storage
+from ..ir.read import ConvRead
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
     cur = anchor.next
@@ -59,26 +28,6 @@ def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
             return True
         cur = cur.next
     return False
-
-
-_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-                    torch.div, torch.cat, torch.relu, torch.sigmoid, F.conv1d, F.conv2d, F.conv3d, F.batch_norm,
-                    F.linear, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_FRESH_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "clone"}
-_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.modules.pooling._AvgPoolNd)
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid)
-
-
-def _owns_storage(ctx: RewriteContext, node: fx.Node) -> bool:
-    """Is ``node`` an op known to return a new tensor (not a view or alias of its input, a graph input or a
-    parameter)? An in-place add on an alias also changes what the aliased tensor's other readers see, which a
-    merged, out-of-place sum would not reproduce."""
-    if node.op == "call_module":
-        mod = ctx.read.modules.get(node.target)
-        return isinstance(mod, _FRESH_MODULES) or (isinstance(mod, _ACTIVATIONS) and not getattr(mod, "inplace", False))
-    if node.op == "call_function":
-        return node.target in _FRESH_FUNCTIONS and not node.kwargs.get("inplace", False)
-    return node.op == "call_method" and node.target in _FRESH_METHODS
 
 
 @dataclass
@@ -98,23 +47,23 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
     shape = ctx.shape(root)
 
     def visit(node: fx.Node, coef: float) -> bool:
-        parsed = as_sum(ctx, node)
+        parsed = ctx.read.sum(node)
         assert parsed is not None
-        operands, in_place = parsed
+        operands, in_place = parsed.terms, parsed.in_place
         if in_place:
             target = node.args[0]
             chain = [target]  # an in-place add on an in-place add's result writes the same storage
-            while isinstance(target, fx.Node) and (p := as_sum(ctx, target)) is not None and p[1]:
+            while isinstance(target, fx.Node) and (p := ctx.read.sum(target)) is not None and p.in_place:
                 target = target.args[0]
                 chain.append(target)
-            if not _owns_storage(ctx, target):
+            if not returns_fresh_storage(target, ctx.read.modules):
                 ctx.skip(root, f"in-place add on {target.name}, which may alias a tensor read elsewhere")
                 return False
             if any(u is not node and _comes_after(u, node) for t in chain for u in ctx.real_users(t)):
                 ctx.skip(root, f"in-place add mutates {target.name}, which is read again later")
                 return False
         for c, operand in operands:
-            if (operand.op != "placeholder" and as_sum(ctx, operand) is not None
+            if (operand.op != "placeholder" and ctx.read.sum(operand) is not None
                     and ctx.single_user(operand) is node and ctx.shape(operand) == shape):
                 inner.append(operand)
                 if not visit(operand, coef * c):
@@ -130,21 +79,21 @@ def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, sh
     read = ctx.read.as_conv(term)
     if (isinstance(read, ConvRead) and read.kind != "conv_transpose" and ctx.single_user(term) in chain
             and term.op != "placeholder"):
-        return Branch(read.input, K.scale_conv(read.spec, coef), read.kind == "conv", read.like, term, coef)
-    spec = K.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
-    return Branch(term, K.scale_conv(spec, coef), False, None, None, coef)
+        return Branch(read.input, folds.scale_conv(read.spec, coef), read.kind == "conv", read.like, term, coef)
+    spec = folds.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
+    return Branch(term, folds.scale_conv(spec, coef), False, None, None, coef)
 
 
-@register_rule("branch_sum", priority=40)
-def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("branch_sum")
+def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Merge the terms of a sum that read the same input into one conv."""
-    if as_sum(ctx, node) is None:
+    if ctx.read.sum(node) is None:
         return None
     shape = ctx.shape(node)
     if shape is None or len(shape) < 3:
         return None
     user = ctx.single_user(node)
-    if user is not None and as_sum(ctx, user) is not None and ctx.shape(user) == shape:
+    if user is not None and ctx.read.sum(user) is not None and ctx.shape(user) == shape:
         return None  # an inner node of a larger sum: handled from the root
     flat = _flatten(ctx, node)
     if flat is None:
@@ -174,12 +123,12 @@ def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewr
             if len(part) < 2 or not any(b.is_conv for b in part):
                 leftovers.extend(part)
                 continue
-            reason = K.why_not_on_one_grid([b.spec for b in part])
+            reason = folds.why_not_on_one_grid([b.spec for b in part])
             if reason:
                 ctx.skip(node, reason)
                 leftovers.extend(part)
                 continue
-            merged = K.sum_parallel([b.spec for b in part])
+            merged = folds.sum_parallel([b.spec for b in part])
             if merged.weight.numel() > sum(b.spec.weight.numel() for b in part):
                 ctx.skip(node, "merging these branches would increase the work (groups expand to "
                                f"{merged.groups})")
@@ -189,7 +138,7 @@ def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewr
                     same.setdefault((b.spec.kernel_size, b.spec.dilation, b.spec.padding, b.spec.groups), []).append(b)
                 for sub in same.values():
                     if len(sub) > 1 and any(b.is_conv for b in sub):
-                        merges.append((K.sum_parallel([b.spec for b in sub]), source,
+                        merges.append((folds.sum_parallel([b.spec for b in sub]), source,
                                        next(b.like for b in sub if b.is_conv), sub))
                     else:
                         leftovers.extend(sub)
@@ -214,11 +163,7 @@ def merge_parallel_branches(ctx: RewriteContext, node: fx.Node) -> Optional[Rewr
         # mutate a term the new sum reads (counting it twice) and be matched again next sweep. _flatten proved
         # their targets are not read afterwards, so once unused they are erased.
         for n in (node, *inner):
-            if not getattr(n, "_erased", False) and not n.users:
-                inputs = list(n.all_input_nodes)
-                ctx.graph.erase_node(n)
-                for i in inputs:
-                    ctx.erase_if_dead(i)
+            ctx.erase_unused(n)
 
     return rewrite
 

@@ -10,17 +10,17 @@ from typing import List, Optional, Tuple
 import torch
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import ConvRead, arg
-from .._registry import Rewrite, RewriteContext, register_rule
+from ..ir import folds
+from ..ir.read import ConvRead, arg
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
 def _key(read: ConvRead) -> tuple:
     return (read.input, read.spec.stride, read.spec.centre())
 
 
-@register_rule("concat", priority=60)
-def merge_concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("concat")
+def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Stack sibling convs that feed one channel concat."""
     if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
         return None
@@ -56,7 +56,7 @@ def merge_concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         pos = 0
         for start, stop in runs:
             new_args.extend(tensors[pos:start])
-            spec = K.stack_parallel([reads[k].spec for k in range(start, stop)])
+            spec = folds.stack_parallel([reads[k].spec for k in range(start, stop)])
             new_args.append(ctx.insert_conv(spec, reads[start].input, before=node, like=reads[start].like,
                                             name=node.name, same_shape=len(runs) == 1 and stop - start == len(tensors)))
             consumed.extend(tensors[start:stop])

@@ -13,13 +13,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import ConvRead
-from .._registry import LATE_PHASE, Rewrite, RewriteContext, register_rule
+from ..ir import folds
+from ..ir.read import ConvRead
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
-@register_rule("horizontal", enabled=False, priority=LATE_PHASE)
-def merge_sibling_convs(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("horizontal", enabled=False, phase="late")
+def horizontal(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Stack dense sibling convs on one input into one conv + split."""
     groups: Dict[tuple, List[tuple]] = {}
     for user in node.users:
@@ -37,7 +37,7 @@ def merge_sibling_convs(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]
             order = {n: i for i, n in enumerate(ctx.graph.nodes)}
             members = sorted(members, key=lambda m: order[m[0]])
             first = members[0][0]
-            spec = K.stack_parallel([r.spec for _, r in members])
+            spec = folds.stack_parallel([r.spec for _, r in members])
             merged = ctx.insert_conv(spec, node, before=first, like=members[0][1].like, name=first.name,
                                      same_shape=False)
             sizes = [r.spec.out_channels for _, r in members]

@@ -1,6 +1,6 @@
 """conv → conv with nothing in between ⇒ one conv (DBB 1x1→kxk and 1x1→avg-pool branches).
 
-``W[n, c] = Σ_m W2[n, m] ⋆ W1[m, c]``, ``b = b2 + Σ W2·b1`` (see :func:`fxfuse._kernels.compose` for the
+``W[n, c] = Σ_m W2[n, m] ⋆ W1[m, c]``, ``b = b2 + Σ W2·b1`` (see :func:`fxfuse.ir.folds.compose` for the
 exactness conditions). Merged only when it does not add work, or when the merged conv lands in a sum next to a
 sibling conv on the same input that already covers its kernel (then the branch-sum rule absorbs it)."""
 
@@ -11,11 +11,11 @@ from typing import Optional
 
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import ConvRead, is_metadata_user
-from .._registry import Rewrite, RewriteContext, register_rule
-from .._spec import ConvSpec
-from .branch_sum import as_sum
+from ..ir import folds
+from ..ir.algebra import ConvSpec
+from ..ir.ops import is_metadata_user
+from ..ir.read import ConvRead
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
 def _spatial(ctx: RewriteContext, node: fx.Node) -> int:
@@ -33,7 +33,7 @@ def _absorbed_by_sibling(ctx: RewriteContext, node: fx.Node, merged: ConvSpec, s
         user = ctx.single_user(cur)
         if user is None:
             return False
-        if as_sum(ctx, user) is not None:
+        if ctx.read.sum(user) is not None:
             break
         read = ctx.read.affine(user)
         if read is None or getattr(read, "input", None) is not cur:
@@ -47,7 +47,7 @@ def _absorbed_by_sibling(ctx: RewriteContext, node: fx.Node, merged: ConvSpec, s
         for operand in s.args:
             if not isinstance(operand, fx.Node) or operand is cur:
                 continue
-            if as_sum(ctx, operand) is not None:
+            if ctx.read.sum(operand) is not None:
                 stack.append(operand)
                 continue
             sib = ctx.read.conv(operand)
@@ -58,8 +58,8 @@ def _absorbed_by_sibling(ctx: RewriteContext, node: fx.Node, merged: ConvSpec, s
     return False
 
 
-@register_rule("sequential", priority=50)
-def merge_sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("sequential")
+def sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Merge a conv/avg-pool that reads only the output of another conv/avg-pool into one conv."""
     second = ctx.read.as_conv(node)
     if not isinstance(second, ConvRead) or second.kind not in ("conv", "avg_pool"):
@@ -74,10 +74,10 @@ def merge_sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return ctx.skip(node, f"intermediate {mid.name} has other users")
     if any(is_metadata_user(u, mid) for u in mid.users):
         return ctx.skip(node, f"the shape of intermediate {mid.name} is read")
-    reason = K.why_not_composable(first.spec, second.spec)
+    reason = folds.why_not_composable(first.spec, second.spec)
     if reason:
         return ctx.skip(node, reason)
-    merged = K.compose(first.spec, second.spec)
+    merged = folds.compose(first.spec, second.spec)
     # An avg-pool's own cost is memory traffic, not MACs: count it as free, and merge a conv with a pool only if
     # that strictly lowers the conv work (DenseNet's 1x1 conv -> 2x2/2 pool as one dense 2x2/2 conv has equal
     # MACs and runs 1.7x slower on CPU).

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._spec import ChannelAffine, ConvSpec
+from .algebra import ChannelAffine, ConvSpec
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -57,7 +57,7 @@ def batchnorm_as_affine(
 def conv_then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec:
     """``affine ∘ conv``: ``W' = a[o]·W[o]``, ``b' = a·b + c``.
 
-    For a transposed conv the output channel of ``W[i, j]`` is ``group(i)·C_out/g + j`` (fusion-notes §2.6)."""
+    For a transposed conv the output channel of ``W[i, j]`` is ``group(i)·C_out/g + j`` (docs/patterns.md, `conv_bn`)."""
     w = spec.weight
     affine = _on(affine, w)
     if spec.transposed:
@@ -118,7 +118,7 @@ def affine_as_conv(affine: ChannelAffine, ndim: int) -> ConvSpec:
 
 def identity_as_conv(channels: int, ndim: int, dtype: torch.dtype = torch.float64, device=None) -> ConvSpec:
     """Identity as a depthwise Dirac kernel; after :func:`regroup` to g groups it becomes
-    ``W[o, o mod (C/g), centre] = 1`` (fusion-notes §2.3)."""
+    ``W[o, o mod (C/g), centre] = 1`` (docs/patterns.md, `branch_sum`)."""
     ones = torch.ones(channels, dtype=dtype, device=device)
     return affine_as_conv(ChannelAffine(ones, torch.zeros_like(ones)), ndim)
 
@@ -161,7 +161,7 @@ def regroup(spec: ConvSpec, groups: int) -> ConvSpec:
 def why_not_on_one_grid(specs: Sequence[ConvSpec]) -> Optional[str]:
     """Branches reading one input can share a kernel iff they have equal stride and equal window centre
     (``2·(-p) + d·(k-1)`` per axis, which makes output sizes equal for every input size), zero padding,
-    and are not transposed (fusion-notes §2.2)."""
+    and are not transposed (docs/patterns.md, `branch_sum`)."""
     first = specs[0]
     for s in specs:
         if s.transposed:
@@ -235,7 +235,7 @@ def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[str]:
     """``second(first(x))`` is one conv when the first has stride 1 and dilation 1 and the second dilation 1, and
     either the second reads no zero padding (then any first kernel/padding is exact), or the first is a
     bias-free pointwise conv (zero padding of the intermediate = first(zero padding of x))
-    (fusion-notes §2.4)."""
+    (docs/patterns.md, `bn_conv`)."""
     if first.transposed or second.transposed:
         return "transposed conv"
     if first.padding_mode != "zeros" or second.padding_mode != "zeros":

@@ -98,7 +98,7 @@ def default_shape(loaded: LoadedModel) -> Tuple[int, ...]:
 
 def load_model(spec: str) -> LoadedModel:
     """Build the model a SPEC names (training mode, as constructed; callers put it in eval)."""
-    from . import models
+    from .. import models
 
     spec = spec.strip()
     if not spec:

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .._graph import arg
-from .._registry import Rewrite, RewriteContext, register_rule
+from ..ir.ops import DROPOUT_FUNCS, DROPOUT_MODULES
+from ..ir.read import arg
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
-
-
-@register_rule("remove_noop", priority=0)
+@register_rule("remove_noop")
 def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Bypass identity and eval-mode dropout nodes."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -23,9 +19,9 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     mod = ctx.read.module(node)
     if isinstance(mod, nn.Identity) and len(node.args) == 1 and not node.kwargs:
         pass
-    elif isinstance(mod, _DROPOUT_MODULES) and not mod.training and len(node.args) == 1:
+    elif isinstance(mod, DROPOUT_MODULES) and not mod.training and len(node.args) == 1:
         pass
-    elif node.op == "call_function" and node.target in _DROPOUT_FUNCS and arg(node, 2, "training", True) is False:
+    elif node.op == "call_function" and node.target in DROPOUT_FUNCS and arg(node, 2, "training", True) is False:
         pass
     else:
         return None

@@ -9,13 +9,13 @@ from typing import Optional
 
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import AffineRead, ConvRead, Refusal
-from .._registry import Rewrite, RewriteContext, register_rule
+from ..ir import folds
+from ..ir.read import AffineRead, ConvRead, Refusal
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
-@register_rule("conv_bn", priority=10)
-def fold_affine_into_producer(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("conv_bn")
+def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Fold a per-channel affine (BN, mul/add/sub/div by a per-channel constant) into the conv/linear before it."""
     read = ctx.read.affine(node)
     producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -46,7 +46,7 @@ def fold_affine_into_producer(ctx: RewriteContext, node: fx.Node) -> Optional[Re
                               f"({', '.join(u.name for u in ctx.real_users(producer))})")
 
     if conv is not None:
-        spec = K.conv_then_affine(conv.spec, read.affine)
+        spec = folds.conv_then_affine(conv.spec, read.affine)
 
         def rewrite() -> None:
             new = ctx.insert_conv(spec, conv.input, before=node, like=conv.like, name=producer.name)
@@ -54,7 +54,7 @@ def fold_affine_into_producer(ctx: RewriteContext, node: fx.Node) -> Optional[Re
 
         return rewrite
 
-    weight, bias = K.linear_then_affine(linear.weight, linear.bias, read.affine)
+    weight, bias = folds.linear_then_affine(linear.weight, linear.bias, read.affine)
 
     def rewrite_linear() -> None:
         new = ctx.insert_linear(weight, bias, linear.input, before=node, like=linear.like, name=producer.name)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 import torch
 from torch import Tensor, nn
 
-from ._specs import SpecError, load_model, parse_dtype
+from ..model_source import SpecError, load_model, parse_dtype
 
 __all__ = [
     "BASE_VARIANTS",

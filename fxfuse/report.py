@@ -6,8 +6,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-import torch
-from torch import fx, nn
+from torch import fx
+
+from .ir.ops import op_kind
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class GraphStats:
     batch_norms: int = 0
     pools: int = 0
     adds: int = 0
+    asserts: int = 0  # torch._assert calls (shape assertions)
+    metadata_reads: int = 0  # x.shape / x.ndim / x.size() … reads
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> "GraphStats":
@@ -47,37 +50,11 @@ class GraphStats:
                 stats.pools += 1
             elif kind == "add":
                 stats.adds += 1
+            elif kind == "assert":
+                stats.asserts += 1
+            elif kind == "metadata":
+                stats.metadata_reads += 1
         return stats
-
-
-def op_kind(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
-    """Coarse op class of a node: ``conv``, ``batch_norm``, ``avg_pool``, ``add`` or ``None``."""
-    import operator
-
-    import torch.nn.functional as F
-
-    if node.op == "call_module":
-        mod = modules.get(node.target)
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            return "conv"
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            return "batch_norm"
-        if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            return "avg_pool"
-        return None
-    if node.op == "call_function":
-        if node.target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                           F.conv_transpose3d):
-            return "conv"
-        if node.target is F.batch_norm:
-            return "batch_norm"
-        if node.target in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
-            return "avg_pool"
-        if node.target in (operator.add, operator.iadd, torch.add):
-            return "add"
-    if node.op == "call_method" and node.target in ("add", "add_"):
-        return "add"
-    return None
 
 
 @dataclass
@@ -103,10 +80,21 @@ class FusionReport:
     traced_whole: bool = True
     submodules: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    artifact_check: Optional[str] = None  # the returned model, run once in its own dtype (see reparametrize)
+    artifact_max_rel_error: Optional[float] = None
+    cast_attributes: List[str] = field(default_factory=list)  # plain tensor attributes cast back from float64
+    frozen_constants: List[str] = field(default_factory=list)  # trace-time constants: a snapshot of the weights
 
     @property
     def total_fused(self) -> int:
         return sum(self.fused.values())
+
+    def take(self, other: "FusionReport") -> None:
+        """Adopt a whole-graph rewrite's report (keeps this report's warnings first)."""
+        for name in ("fused", "unfused", "rolled_back", "applied", "before", "after", "verified", "verify_dtype",
+                     "max_abs_error", "max_rel_error", "tolerance"):
+            setattr(self, name, getattr(other, name))
+        self.warnings.extend(other.warnings)
 
     def merge(self, prefix: str, other: "FusionReport") -> None:
         """Fold a sub-module's report into this one (fallback mode)."""
@@ -114,7 +102,7 @@ class FusionReport:
         self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.reason) for u in other.unfused)
         self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
         self.applied.extend(f"{prefix}.{a}" for a in other.applied)
-        for name in ("nodes", "convs", "batch_norms", "pools", "adds"):
+        for name in GraphStats.__dataclass_fields__:
             setattr(self.before, name, getattr(self.before, name) + getattr(other.before, name))
             setattr(self.after, name, getattr(self.after, name) + getattr(other.after, name))
 
@@ -141,6 +129,13 @@ class FusionReport:
         if self.unfused:
             lines.append(f"  left unfused ({len(self.unfused)}):")
             lines.extend(f"    [{u.rule}] {u.node} ({u.target}): {u.reason}" for u in self.unfused)
+        if self.artifact_check is not None:
+            lines.append(f"  returned model {self.artifact_check}")
+        if self.cast_attributes:
+            lines.append(f"  cast back from the float64 working copy: {', '.join(self.cast_attributes)}")
+        if self.frozen_constants:
+            lines.append(f"  trace-time constants (a snapshot: loading new weights does not update them): "
+                         f"{', '.join(self.frozen_constants)}")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """per-channel affine (BatchNorm, ``x * c + d``) → conv / linear ⇒ one layer.
 
 ``W'[o, j] = W[o, j]·a[in(o, j)]``, ``b' = b + Σ W·c``. Exact only where the conv reads no zero padding or
-the shift is zero (fusion-notes §2.4): zero-padding ``a·x + c`` is not ``a·``(zero-padded ``x``) ``+ c``."""
+the shift is zero (docs/patterns.md, `bn_conv`): zero-padding ``a·x + c`` is not ``a·``(zero-padded ``x``) ``+ c``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Optional
 
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import AffineRead, ConvRead
-from .._registry import Rewrite, RewriteContext, register_rule
+from ..ir import folds
+from ..ir.read import AffineRead, ConvRead
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
-@register_rule("bn_conv", priority=20)
-def fold_affine_into_consumer(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("bn_conv")
+def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Fold a per-channel affine into the conv/linear that is its only user."""
     conv = ctx.read.conv(node)
     linear = ctx.read.linear(node) if conv is None else None
@@ -37,10 +37,10 @@ def fold_affine_into_consumer(ctx: RewriteContext, node: fx.Node) -> Optional[Re
     if conv is not None:
         if read.axis != 1:
             return None
-        reason = K.why_not_affine_then_conv(read.affine, conv.spec)
+        reason = folds.why_not_affine_then_conv(read.affine, conv.spec)
         if reason:
             return ctx.skip(node, reason)
-        spec = K.affine_then_conv(read.affine, conv.spec)
+        spec = folds.affine_then_conv(read.affine, conv.spec)
 
         def rewrite() -> None:
             new = ctx.insert_conv(spec, read.input, before=node, like=conv.like, name=node.name)
@@ -48,7 +48,7 @@ def fold_affine_into_consumer(ctx: RewriteContext, node: fx.Node) -> Optional[Re
 
         return rewrite
 
-    weight, bias = K.affine_then_linear(read.affine, linear.weight, linear.bias)
+    weight, bias = folds.affine_then_linear(read.affine, linear.weight, linear.bias)
 
     def rewrite_linear() -> None:
         new = ctx.insert_linear(weight, bias, read.input, before=node, like=linear.like, name=node.name)

@@ -1,79 +1,16 @@
-"""Tracing front-end: ``torch.fx`` symbolic tracing, and per-sub-module input capture for models that do not
-trace as a whole (data-dependent control flow: detection heads, RAFT, …)."""
+"""Shape propagation: ``node.meta['tensor_meta']`` for every node (``torch.fx.passes.shape_prop.ShapeProp``),
+run on the ``meta`` device."""
 
 from __future__ import annotations
 
-import collections
-from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
-MAX_CALLS_KEPT = 2
-
-
-@dataclass
-class Call:
-    """One recorded call of a module: positional and keyword inputs, and what it returned."""
-
-    args: Tuple[Any, ...]
-    kwargs: Dict[str, Any]
-    output: Any
-
-
-class _Tracer(fx.Tracer):
-    """``fx.Tracer`` that keeps an ``OrderedDict`` (segmentation / backbone outputs) an ``OrderedDict``: plain fx
-    turns it into a ``dict``, which changes the traced module's output type (and its pytree structure)."""
-
-    def create_arg(self, a: Any) -> Any:
-        if type(a) is collections.OrderedDict:
-            return self.create_node("call_function", collections.OrderedDict, (self.create_arg(list(a.items())),), {})
-        return super().create_arg(a)
-
-
-def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` (``OrderedDict`` values kept); ``torch.nn`` modules stay leaves, everything else
-    is inlined."""
-    tracer = _Tracer()
-    graph = tracer.trace(module)
-    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
-
-
-def _snapshot(x: Any) -> Any:
-    """Clone tensors so later in-place ops (``ReLU(inplace=True)``) cannot change what was recorded."""
-    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, x)
-
-
-def capture_calls(model: nn.Module, args: Tuple[Any, ...]) -> Dict[int, List[Call]]:
-    """Run ``model(*args)`` once, recording up to ``MAX_CALLS_KEPT`` calls of every sub-module (by ``id``)."""
-    calls: Dict[int, List[Call]] = {}
-    pending: Dict[int, List[Tuple[Tuple[Any, ...], Dict[str, Any]]]] = {}
-    handles = []
-
-    def pre_hook(mod: nn.Module, a: Tuple[Any, ...], kw: Dict[str, Any]) -> None:
-        pending.setdefault(id(mod), []).append((_snapshot(a), _snapshot(kw)))
-
-    def post_hook(mod: nn.Module, a: Tuple[Any, ...], kw: Dict[str, Any], out: Any) -> None:
-        a_snap, kw_snap = pending[id(mod)].pop()
-        kept = calls.setdefault(id(mod), [])
-        if len(kept) < MAX_CALLS_KEPT:
-            kept.append(Call(a_snap, kw_snap, _snapshot(out)))
-
-    for mod in model.modules():
-        if mod is model:
-            continue
-        handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
+from .submodules import Call
 
 
 def _mutable(a: Any) -> Any:
@@ -119,7 +56,10 @@ def propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
     values = list(call.args)
     for p in placeholders[len(values):]:
         values.append(call.kwargs.get(p.target, p.args[0] if p.args else None))
-    to_meta = lambda t: torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t  # noqa: E731
+
+    def to_meta(t: Any) -> Any:
+        return torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t
+
     try:
         state = {f"gm.{k}": to_meta(v) for k, v in
                  list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}

@@ -40,7 +40,7 @@ class _CLIError(Exception):
 # -------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for all sub-commands."""
-    from ._specs import DTYPES
+    from .model_source import DTYPES
 
     p = _Parser(prog=PROG, description="Structural re-parameterization as a torch.fx pass: benchmark, fuse, "
                                        "explain.",
@@ -125,7 +125,7 @@ def _shape_and_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -135,7 +135,7 @@ def _build(spec: str, shape_text: Optional[str], weights: Optional[str]) -> Tupl
     """Model (eval) + example input for ``fuse`` / ``explain``."""
     import torch
 
-    from ._specs import default_shape, load_model, load_weights, parse_shape
+    from .model_source import default_shape, load_model, load_weights, parse_shape
 
     loaded = load_model(spec)
     shape = parse_shape(shape_text) if shape_text else default_shape(loaded)
@@ -169,7 +169,7 @@ def _rel_error(a: Any, b: Any) -> float:
 def _reparametrize(model: Any, x: Any) -> Any:
     import warnings
 
-    from . import reparametrize
+    from .. import reparametrize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -178,8 +178,8 @@ def _reparametrize(model: Any, x: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ commands
 def _cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence[str]) -> int:
-    from ._bench import BenchConfig, format_table, run_bench, write_outputs
-    from ._specs import parse_int_list
+    from .bench import BenchConfig, format_table, run_bench, write_outputs
+    from .model_source import parse_int_list
 
     specs = list(args.specs) + list(args.model) or ["repvgg-article"]
     cfg = BenchConfig(
@@ -288,9 +288,9 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
 
     import torch
 
-    from ._bench import count_flops
-    from ._trace import trace
-    from .models import randomize_batchnorm_
+    from .bench import count_flops
+    from ..capture import trace
+    from ..models import randomize_batchnorm_
 
     loaded, model, shape = _build(args.spec, args.input_shape, args.weights)
     if args.randomize_bn:
@@ -348,7 +348,7 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
 
 
 def _cmd_models(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence[str]) -> int:
-    from .models import default_input_shape, names
+    from ..models import default_input_shape, names
 
     for name in names():
         out.write(f"{name:<16} {','.join(map(str, default_input_shape(name)))}\n")
@@ -384,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --traceback
         if args.traceback:
             raise
-        from ._specs import SpecError
+        from .model_source import SpecError
 
         known = isinstance(exc, (SpecError, _CLIError))
         text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__

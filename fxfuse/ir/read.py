@@ -1,4 +1,5 @@
-"""Reading fx nodes as linear ops, and the small graph-surgery helpers rules share.
+"""Readers: fx nodes seen as linear ops. The one place that knows how a conv, BN, pool, pad or sum is spelled
+(through the op table, :mod:`fxfuse.ir.ops`).
 
 A *reader* looks at one node and, if it computes a linear-affine function of a single tensor input with
 constant parameters, returns that input plus a :class:`ConvSpec` / :class:`ChannelAffine`; otherwise it returns
@@ -9,17 +10,16 @@ Both graph spellings are read: ``call_module`` (``nn.Conv2d``, ``nn.BatchNorm2d`
 
 from __future__ import annotations
 
-import operator
-import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from . import _kernels as K
-from ._spec import ChannelAffine, ConvSpec, as_tuple, float64
+from . import folds as K
+from . import ops
+from .algebra import ChannelAffine, ConvSpec, as_tuple, float64
 
 
 @dataclass(frozen=True)
@@ -61,26 +61,13 @@ class LinearRead:
     like: Tensor
 
 
-Read = Union[ConvRead, AffineRead, LinearRead, Refusal, None]
+@dataclass(frozen=True)
+class SumRead:
+    """``node = Σ coef·term`` over two non-constant tensors (``a + b``, ``a - b``, ``torch.add(a, b, alpha=k)``,
+    ``a.add_(b)`` …); ``in_place`` when the first operand is written."""
 
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONV_T_FUNCS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
-_AVG_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
-_AVG_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
-
-_STOCK_FORWARDS = {cls.forward for cls in (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.Linear, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, *_AVG_MODULES, *_PAD_MODULES)}
-
-META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
-AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
-META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
-_RANDOM = re.compile(r"rand|dropout|normal|bernoulli|uniform|multinomial|poisson|empty|exponential")
-_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+    terms: Tuple[Tuple[float, fx.Node], ...]
+    in_place: bool
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -92,58 +79,9 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 
 def shape_of(node: Any) -> Optional[torch.Size]:
+    """The propagated output shape of ``node`` (``None`` if unknown or not a tensor)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return getattr(meta, "shape", None)
-
-
-def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:
-    """Users that read only shape/dtype/device of ``of`` (``x.shape``, ``x.ndim``, ``x.size()``, and the template
-    argument of ``t.reshape_as(x)`` / ``view_as`` / ``expand_as`` / ``type_as``): a fold that keeps the shape does
-    not change what they see."""
-    if user.op == "call_function" and user.target is getattr:
-        return len(user.args) > 1 and user.args[1] in META_ATTRS
-    if user.op == "call_method":
-        if user.target in META_METHODS:
-            return True
-        return (of is not None and user.target in AS_METHODS and len(user.args) == 2 and not user.kwargs
-                and user.args[1] is of and user.args[0] is not of)
-    return False
-
-
-def real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not is_metadata_user(u, node)]
-
-
-def single_real_user(node: fx.Node) -> Optional[fx.Node]:
-    users = real_users(node)
-    return users[0] if len(users) == 1 else None
-
-
-def is_pure(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    """Nodes that may be erased once unused: no in-place or random ops, no arbitrary modules."""
-    if node.op == "get_attr":
-        return True
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
-                                                     nn.Linear, nn.Identity, nn.Dropout, *_PAD_MODULES,
-                                                     *_AVG_MODULES))
-    if node.op == "call_method":
-        return not str(node.target).endswith("_") and not _RANDOM.search(str(node.target))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
-        return node.target not in _INPLACE_OPS and not name.endswith("_") and not _RANDOM.search(name) \
-            and node.target is not torch._assert
-    return False
-
-
-def erase_if_dead(node: fx.Node, modules: Dict[str, nn.Module]) -> None:
-    """Erase ``node`` (and, recursively, inputs that become dead) when it has no users and is pure."""
-    if getattr(node, "_erased", False) or node.users or not is_pure(node, modules):
-        return
-    inputs = list(node.all_input_nodes)
-    node.graph.erase_node(node)
-    for inp in inputs:
-        erase_if_dead(inp, modules)
 
 
 # ------------------------------------------------------------------------------------ constants
@@ -166,7 +104,7 @@ class Constants:
         result = self._MISSING
         if a.op == "get_attr":
             result = _fetch_attr(self.gm, a.target)
-        elif a.op in ("call_function", "call_method") and is_pure(a, {}) and a.all_input_nodes:
+        elif a.op in ("call_function", "call_method") and ops.is_pure(a, {}) and a.all_input_nodes:
             args = fx.node.map_arg(a.args, self.value)
             kwargs = fx.node.map_arg(a.kwargs, self.value)
             flat = list(args) + list(kwargs.values())
@@ -224,16 +162,13 @@ class Reader:
             first = next(iter(gm.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
 
-    def refresh(self) -> None:
-        self.modules = dict(self.gm.named_modules())
-
     def module(self, node: fx.Node) -> Optional[nn.Module]:
         """The called module, if it computes exactly what its ``torch.nn`` class does: a subclass that overrides
         ``forward`` or a module with forward hooks is opaque (``None``)."""
         mod = self.modules.get(node.target) if node.op == "call_module" else None
         if mod is None or mod._forward_hooks or mod._forward_pre_hooks:
             return None
-        if type(mod).forward not in _STOCK_FORWARDS:
+        if type(mod).forward not in ops.STOCK_FORWARDS:
             return None
         return mod
 
@@ -246,8 +181,8 @@ class Reader:
                 return Refusal("lazy conv not materialized")
             if not node.args or not isinstance(node.args[0], fx.Node) or len(node.args) + len(node.kwargs) != 1:
                 return None
-            transposed = isinstance(mod, _CONV_T_MODULES)
-            if not transposed and not isinstance(mod, _CONV_MODULES):
+            transposed = isinstance(mod, ops.CONV_T_MODULES)
+            if not transposed and not isinstance(mod, ops.CONV_MODULES):
                 return None
             ndim = mod.weight.dim() - 2
             padding = self._padding(mod.padding, mod.kernel_size, mod.dilation, ndim)
@@ -258,8 +193,8 @@ class Reader:
                                    mod.padding_mode, transposed, getattr(mod, "output_padding", ()))
         if node.op != "call_function":
             return None
-        if node.target in _CONV_FUNCS:
-            ndim = _CONV_FUNCS[node.target]
+        if node.target in ops.CONV_FUNCS:
+            ndim = ops.CONV_FUNCS[node.target]
             w = self.constants.tensor(arg(node, 1, "weight"))
             b_arg = arg(node, 2, "bias")
             b = None if b_arg is None else self.constants.tensor(b_arg)
@@ -272,8 +207,8 @@ class Reader:
                 return padding
             return self._conv_read(node.args[0], w, b, arg(node, 3, "stride", 1), padding, dil,
                                    arg(node, 6, "groups", 1), "zeros", False, ())
-        if node.target in _CONV_T_FUNCS:
-            ndim = _CONV_T_FUNCS[node.target]
+        if node.target in ops.CONV_T_FUNCS:
+            ndim = ops.CONV_T_FUNCS[node.target]
             w = self.constants.tensor(arg(node, 1, "weight"))
             b_arg = arg(node, 2, "bias")
             b = None if b_arg is None else self.constants.tensor(b_arg)
@@ -308,6 +243,25 @@ class Reader:
                         as_tuple(output_padding, ndim) if transposed else ())
         return ConvRead(inp, spec, "conv_transpose" if transposed else "conv", weight)
 
+    # -- sums -------------------------------------------------------------------------------------
+    def sum(self, node: fx.Node) -> Optional[SumRead]:
+        """Binary add/sub of two non-constant tensors (see :class:`SumRead`)."""
+        parsed = ops.arithmetic(node)
+        if parsed is None or parsed[0] not in ("add", "sub"):
+            return None
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            return None
+        a, b = node.args
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            return None
+        if self.constants.tensor(a) is not None or self.constants.tensor(b) is not None:
+            return None
+        alpha = node.kwargs.get("alpha", 1)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return None
+        sign = 1.0 if parsed[0] == "add" else -1.0
+        return SumRead(((1.0, a), (sign * float(alpha), b)), parsed[1])
+
     # -- linear --------------------------------------------------------------------------------
     def linear(self, node: fx.Node) -> Optional[LinearRead]:
         mod = self.module(node)
@@ -315,7 +269,7 @@ class Reader:
             w = mod.weight
             b = float64(mod.bias) if mod.bias is not None else w.new_zeros(w.shape[0], dtype=torch.float64)
             return LinearRead(node.args[0], float64(w), b, w)
-        if node.op == "call_function" and node.target is F.linear and isinstance(node.args[0], fx.Node):
+        if node.op == "call_function" and node.target in ops.LINEAR_FUNCS and isinstance(node.args[0], fx.Node):
             w = self.constants.tensor(arg(node, 1, "weight"))
             b_arg = arg(node, 2, "bias")
             b = None if b_arg is None else self.constants.tensor(b_arg)
@@ -352,7 +306,7 @@ class Reader:
                                         None if mod.weight is None else float64(mod.weight),
                                         None if mod.bias is None else float64(mod.bias), mod.eps)
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
-        if node.op == "call_function" and node.target is F.batch_norm:
+        if node.op == "call_function" and node.target in ops.BATCH_NORM_FUNCS:
             if arg(node, 5, "training", False) is not False:
                 return Refusal("F.batch_norm(training=True) uses batch statistics")
             rm, rv = (self.constants.tensor(arg(node, i, n)) for i, n in ((1, "running_mean"), (2, "running_var")))
@@ -366,17 +320,11 @@ class Reader:
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
         return None
 
-    _ARITH = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", operator.sub: "sub",
-              torch.sub: "sub", operator.truediv: "div", torch.div: "div", torch.true_divide: "div"}
-    _ARITH_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "__mul__": "mul"}
-
     def _arith_affine(self, node: fx.Node, axis: int) -> Optional[AffineRead]:
-        if node.op == "call_function" and node.target in self._ARITH:
-            op = self._ARITH[node.target]
-        elif node.op == "call_method" and node.target in self._ARITH_METHODS:
-            op = self._ARITH_METHODS[node.target]
-        else:
+        parsed = ops.arithmetic(node)
+        if parsed is None or parsed[1]:
             return None
+        op = parsed[0]
         if len(node.args) != 2 or any(k not in ("alpha",) for k in node.kwargs):
             return None
         if op == "div" and node.kwargs.get("rounding_mode") is not None:
@@ -417,14 +365,14 @@ class Reader:
     # -- pooling and padding -------------------------------------------------------------------
     def avg_pool(self, node: fx.Node) -> Union[ConvRead, Refusal, None]:
         """``AvgPoolNd`` as a depthwise conv; exact only for ``count_include_pad=True, ceil_mode=False``, no
-        ``divisor_override`` (fusion-notes §2.7)."""
+        ``divisor_override`` (docs/patterns.md, "avg-pool as a conv")."""
         mod = self.module(node)
-        if mod is not None and type(mod) in _AVG_MODULES:
-            ndim = _AVG_MODULES[type(mod)]
+        if mod is not None and type(mod) in ops.AVG_POOL_MODULES:
+            ndim = ops.AVG_POOL_MODULES[type(mod)]
             k, s, p = mod.kernel_size, mod.stride, mod.padding
             cip, ceil, div = mod.count_include_pad, mod.ceil_mode, getattr(mod, "divisor_override", None)
-        elif node.op == "call_function" and node.target in _AVG_FUNCS:
-            ndim = _AVG_FUNCS[node.target]
+        elif node.op == "call_function" and node.target in ops.AVG_POOL_FUNCS:
+            ndim = ops.AVG_POOL_FUNCS[node.target]
             k = arg(node, 1, "kernel_size")
             s = arg(node, 2, "stride", None) or k
             p = arg(node, 3, "padding", 0)
@@ -448,9 +396,9 @@ class Reader:
         """``F.pad(x, pads)`` / ``nn.ZeroPadNd`` / ``nn.ConstantPadNd(value=0)`` that pads every spatial axis
         symmetrically with zeros: returns ``(x, per-axis padding)``."""
         mod = self.module(node)
-        if isinstance(mod, _PAD_MODULES) and len(node.args) == 1:
+        if isinstance(mod, ops.PAD_MODULES) and len(node.args) == 1:
             pads, value, mode = mod.padding, getattr(mod, "value", 0.0), "constant"
-        elif node.op == "call_function" and node.target in (F.pad, torch._C._nn.pad):
+        elif node.op == "call_function" and node.target in ops.PAD_FUNCS:
             pads, mode, value = arg(node, 1, "pad"), arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
         else:
             return None

@@ -32,10 +32,6 @@ class ChannelAffine:
     def channels(self) -> int:
         return self.scale.numel()
 
-    def then(self, other: "ChannelAffine") -> "ChannelAffine":
-        """``other ∘ self``: ``s2 * (s1 * x + t1) + t2``."""
-        return ChannelAffine(other.scale * self.scale, other.scale * self.shift + other.shift)
-
 
 @dataclass(frozen=True)
 class ConvSpec:
@@ -86,7 +82,7 @@ class ConvSpec:
         """Per axis, first + last tap offset relative to ``o * stride``: ``2·(-p) + d·(k-1)``.
 
         Branches whose centres and strides agree read windows with a common centre, so their kernels can be
-        placed on one tap grid (fusion-notes §2.2)."""
+        placed on one tap grid (docs/patterns.md, `branch_sum`)."""
         return tuple(
             -2 * p + d * (k - 1) for p, d, k in zip(self.padding, self.dilation, self.kernel_size)
         )

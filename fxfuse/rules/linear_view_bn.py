@@ -11,25 +11,19 @@ from typing import Optional
 
 from torch import fx
 
-from .. import _kernels as K
-from .._graph import AffineRead
-from .._registry import Rewrite, RewriteContext, register_rule
+from ..ir import folds
+from ..ir.ops import is_view
+from ..ir.read import AffineRead
+from ..rewrite import Rewrite, RewriteContext, register_rule
 
-_VIEW_METHODS = {"flatten", "reshape", "view", "reshape_as", "view_as"}
-
-
-def _is_view(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in _VIEW_METHODS
-
-
-@register_rule("linear_view_bn", priority=15)
-def fold_bn_through_views(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+@register_rule("linear_view_bn")
+def linear_view_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """``view_back(bn(view(linear(x))))`` with views that only merge leading axes."""
-    if not _is_view(node) or not isinstance(node.args[0], fx.Node):
+    if not is_view(node) or not isinstance(node.args[0], fx.Node):
         return None
     bn_node = node.args[0]
     read = ctx.read.affine(bn_node)
-    if not isinstance(read, AffineRead) or read.kind != "batch_norm" or not _is_view(read.input):
+    if not isinstance(read, AffineRead) or read.kind != "batch_norm" or not is_view(read.input):
         return None
     view = read.input
     producer = view.args[0] if isinstance(view.args[0], fx.Node) else None
@@ -44,7 +38,7 @@ def fold_bn_through_views(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrit
     if ctx.single_user(producer) is not view or ctx.single_user(view) is not bn_node \
             or ctx.single_user(bn_node) is not node:
         return ctx.skip(node, "an intermediate of the linear → view → BN → view chain has other users")
-    weight, bias = K.linear_then_affine(linear.weight, linear.bias, read.affine)
+    weight, bias = folds.linear_then_affine(linear.weight, linear.bias, read.affine)
 
     def rewrite() -> None:
         new = ctx.insert_linear(weight, bias, linear.input, before=node, like=linear.like, name=producer.name)
