@@ -5,13 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxfuse-installed
 
-.PHONY: venv bench test test-all fuzz zoo clean
+.PHONY: venv bench lint test test-all fuzz mutants zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e ".[test,plot,progress,onnx]"
+	$(BIN)/pip install -q -e ".[test,plot,progress,onnx,lint]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,7 +19,12 @@ venv: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/fxfuse bench $(ARGS)
 
-test: $(STAMP)
+# Lint (ruff) and type check (mypy, config in pyproject.toml) first, then the test suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-all: $(STAMP)
@@ -28,8 +33,12 @@ test-all: $(STAMP)
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q --runslow tests/test_fuzz.py $(ARGS)
 
+# Named source mutants of the fold math, rules and checks (tests/mutants.py); fails if one survives.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py $(ARGS)
+
 zoo: $(STAMP)
-	$(BIN)/python benchmarks/zoo.py $(ARGS)
+	$(BIN)/python -m benchmarks.zoo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -26,19 +26,13 @@ import torch
 
 import fxfuse
 from fxfuse import models
-from fxfuse.tools.bench import cpu_model_name
+from fxfuse.tools.bench import cpu_model_name, make_timer
+from fxfuse.tools.bench.env import sync as _sync
 from fxfuse.tools.model_source import parse_int_list
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, device: torch.device, min_run_time: float) -> dict:
     """The article's cold launch-only time, a synced single call, Timer's median, and CUDA memory."""
-    from torch.utils.benchmark import Timer
-
     row = {}
     if device.type == "cuda":
         _sync(device)
@@ -56,9 +50,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, device: torch.device, min_r
     model(x)
     _sync(device)
     row["synced_s"] = time.perf_counter() - t0
-    m = Timer("m(x)", globals={"m": model, "x": x}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    row["timer_s"] = m.median
+    row["timer_s"] = make_timer(model, (x,), torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time).median
     return row
 
 

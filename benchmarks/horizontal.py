@@ -2,20 +2,21 @@
 
     .venv/bin/python benchmarks/horizontal.py [--models googlenet,inception_v3] [--batch-sizes 1,8]
 
-Measures, side by side in one process with torch.utils.benchmark (interleaved rounds, medians), the fxfuse
-model without and with the rule, and prints the ratio. Results go to docs/benchmarks.md by hand."""
+Measures, side by side in one process with the ``fxfuse bench`` timing (torch.utils.benchmark, one thread,
+interleaved rounds, median of the per-round medians), the fxfuse model without and with the rule, and prints the
+ratio. Results go to docs/benchmarks.md by hand."""
 
 from __future__ import annotations
 
 import argparse
-import platform
+import statistics
 
 import torch
 import torchvision
-from torch.utils import benchmark
 
 import fxfuse
 from fxfuse.models import randomize_batchnorm_
+from fxfuse.tools.bench import cpu_model_name, interleaved_rounds, make_timer
 
 SIZES = {"inception_v3": 299}
 
@@ -27,8 +28,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-run-time", type=float, default=1.0)
     args = ap.parse_args()
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"# torch {torch.__version__}, {cpu_model_name()}, 1 timed thread")
     print("| model | batch | fxfuse (ms) | fxfuse + horizontal (ms) | ratio | convs before → after |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -40,14 +40,10 @@ def main() -> None:
             x = torch.randn(batch, 3, size, size)
             base = fxfuse.reparametrize(model, x)
             horiz = fxfuse.reparametrize(model, x, enable=["horizontal"])
-            times = {"base": [], "horiz": []}
+            timers = {"base": make_timer(base, (x,), threads=1), "horiz": make_timer(horiz, (x,), threads=1)}
             with torch.inference_mode():
-                for _ in range(args.rounds):
-                    for key, m in (("base", base), ("horiz", horiz)):
-                        t = benchmark.Timer("m(x)", globals={"m": m, "x": x}).blocked_autorange(
-                            min_run_time=args.min_run_time)
-                        times[key].append(t.median)
-            b, h = sorted(times["base"])[len(times["base"]) // 2], sorted(times["horiz"])[len(times["horiz"]) // 2]
+                measured = interleaved_rounds(timers, args.rounds, args.min_run_time)
+            b, h = (statistics.median(m.median for m in measured[key]) for key in ("base", "horiz"))
             r = horiz.fxfuse_report
             print(f"| {name} | {batch} | {b * 1e3:.1f} | {h * 1e3:.1f} | {b / h:.3f} | "
                   f"{base.fxfuse_report.after.convs} → {r.after.convs} |")

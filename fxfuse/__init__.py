@@ -7,15 +7,19 @@ Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxf
 :mod:`fxfuse.testing` (docs/extending.md).
 """
 
-from .api import reparametrize
+from .api import compile, reparametrize, reparametrize_exported
 from .errors import FusionError
 from .report import FusionReport, GraphStats, Unfused
 from .rewrite import Rule, RewriteContext, register_rule, registered_rules, unregister_rule
+from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
 
 __version__ = "0.2.0"
 
 __all__ = [
     "reparametrize",
+    "expand",
+    "reparametrize_exported",
+    "compile",
     "FusionError",
     "FusionReport",
     "GraphStats",

@@ -1,22 +1,26 @@
 """dtype bookkeeping: the float64 working copy, and giving every tensor of the result its dtype back.
 
 The pass computes on a float64 copy. Afterwards every tensor reachable from the result — parameters, buffers,
-plain tensor attributes of every module (GraphModule constants such as ``_tensor_constant0``, tensors a
-forward cached) — must hold the dtype it would have had without fxfuse: the original tensor's dtype for what
-came from the model, the dtype of the replaced layer for fused parameters, and the model's own (dominant)
-floating dtype for anything created while the copy ran in float64. :func:`cast_back` owns that audit.
+plain tensor attributes of every module, GraphModule constants (``_tensor_constantN``: tensors the trace evaluated,
+which ``fx.GraphModule`` registers as buffers), tensors a forward cached — must hold the dtype it would have had
+without fxfuse: the original tensor's dtype for what came from the model, the dtype of the replaced layer for
+fused parameters, and the model's own (dominant) floating dtype for anything created while the copy ran in
+float64. :func:`cast_back` owns that audit; :func:`float64_leaks` checks it before the result is returned.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, MutableMapping, Optional, Set, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .capture.state import MODULE_INTERNALS
 
 Slot = Tuple[nn.Module, MutableMapping[str, Any], str, Tensor]
 
@@ -24,19 +28,27 @@ Slot = Tuple[nn.Module, MutableMapping[str, Any], str, Tensor]
 def tensor_slots(root: nn.Module) -> Iterator[Slot]:
     """``(module, store, name, tensor)`` for every parameter and buffer slot of every module (shared tensors
     appear once per slot)."""
-    for mod in root.modules():
+    for _, mod, store, key, t in named_tensor_slots(root):
+        yield mod, store, key, t
+
+
+def named_tensor_slots(root: nn.Module) -> Iterator[Tuple[str, nn.Module, MutableMapping[str, Any], str, Tensor]]:
+    """``(path, module, store, name, tensor)`` for every parameter and buffer slot (``path``: dotted name from
+    ``root``; a module reachable under several names is visited once, under its first)."""
+    for prefix, mod in root.named_modules():
         for store in (mod._parameters, mod._buffers):
             for key, t in list(store.items()):
                 if t is not None:
-                    yield mod, store, key, t
+                    yield (f"{prefix}.{key}" if prefix else key), mod, store, key, t
 
 
 def attribute_tensors(root: nn.Module) -> Iterator[Tuple[str, nn.Module, str, Any]]:
     """``(path, module, attribute, value)`` for every plain attribute of every module that is a tensor or a
-    list/tuple/dict holding tensors (not parameters or buffers)."""
+    list/tuple/dict holding tensors (not parameters or buffers, not ``nn.Module``'s bookkeeping, not a
+    GraphModule's ``meta``)."""
     for path, mod in root.named_modules():
         for key, value in list(vars(mod).items()):
-            if key.startswith("__") or key in ("_parameters", "_buffers", "_modules"):
+            if key in MODULE_INTERNALS or (key == "meta" and isinstance(mod, fx.GraphModule)):
                 continue
             if any(isinstance(leaf, Tensor) for leaf in tree_flatten(value)[0]):
                 yield (f"{path}.{key}" if path else key), mod, key, value
@@ -59,6 +71,14 @@ def float64_copy(model: nn.Module) -> nn.Module:
         if type(t) in (Tensor, nn.Parameter) and t.is_floating_point() and id(t) not in memo:
             t64 = t.detach().to(torch.float64, copy=True)
             memo[id(t)] = nn.Parameter(t64, t.requires_grad) if isinstance(t, nn.Parameter) else t64
+    return copy.deepcopy(model, memo)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` that shares the parameters and buffers (modules and plain attributes are copied):
+    running it leaves ``model``'s attributes and mode alone at the cost of no weight memory. (An in-place write to
+    a buffer in forward would still reach ``model``.)"""
+    memo: Dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
 
 
@@ -99,7 +119,7 @@ class DtypePlan:
     def as_id_map(self) -> Dict[int, torch.dtype]:
         return {k: d for k, (_, d) in self._plan.items()}
 
-    def record_slots(self, work: nn.Module, dtypes: "SlotDtypes") -> None:
+    def record_slots(self, work: nn.Module, dtypes: SlotDtypes) -> None:
         """Record for every slot of ``work`` the dtype ``dtypes`` (from :func:`slot_dtypes`) holds for it."""
         for mod, _, key, t in tensor_slots(work):
             dtype = dtypes.get((id(mod), key))
@@ -127,62 +147,134 @@ def restore_slot_dtypes(module: nn.Module, dtypes: SlotDtypes) -> None:
 
 @dataclass
 class CastReport:
-    """What :func:`cast_back` changed besides parameters and buffers."""
+    """What :func:`cast_back` changed besides the planned parameters and buffers."""
 
-    attributes: List[str] = field(default_factory=list)  # plain tensor attributes cast back ("path (dtype)")
+    attributes: List[str] = field(default_factory=list)  # "path (dtype)" of the tensors cast from float64
+    overflowed: List[str] = field(default_factory=list)  # "path (dtype)": finite in float64, inf/NaN once cast
 
 
-def cast_slots(module: nn.Module, plan: DtypePlan) -> None:
-    """Give every parameter and buffer of ``module`` its planned dtype (tensors with no plan are left alone)."""
+def cast_slots(module: nn.Module, plan: DtypePlan, overflowed: Optional[List[str]] = None) -> Dict[int, Tensor]:
+    """Give every parameter and buffer of ``module`` its planned dtype (tensors with no plan are left alone).
+    Returns ``id(old tensor) -> tensor now in its slot`` for the planned tensors; appends to ``overflowed`` the
+    slots whose finite values do not fit the dtype (a fused float16 weight ``w·γ/σ`` beyond 65504)."""
     done: Dict[int, Tensor] = {}
-    for _, store, key, t in tensor_slots(module):
+    for path, _, store, key, t in named_tensor_slots(module):
         dtype = plan.target(t)
         if dtype is None:
             continue
         if id(t) in done:  # a tensor shared by two slots becomes one tensor again
             store[key] = done[id(t)]
             continue
+        finite = overflowed is not None and t.dtype != dtype and t.is_floating_point() and bool(t.isfinite().all())
         done[id(t)] = cast_tensor_(store, key, t, dtype)
+        if finite and overflowed is not None and not bool(done[id(t)].isfinite().all()):
+            overflowed.append(f"{path} ({_dtype_name(dtype)})")
+    return done
+
+
+def _stray_float64(t: Any, path: str, plan: DtypePlan) -> bool:
+    """A float64 tensor with no planned dtype that the model did not hold as float64 under ``path``: made from
+    the float64 copy (a trace-time constant, a cache filled by a float64 run)."""
+    return (isinstance(t, Tensor) and t.dtype == torch.float64 and plan.target(t) is None
+            and path not in plan.float64_attributes and plan.model_dtype != torch.float64)
 
 
 def cast_back(root: nn.Module, plan: DtypePlan) -> CastReport:
-    """The dtype audit of everything reachable from ``root``: parameters and buffers by the plan; plain tensor
-    attributes (graph constants, forward caches) that are float64 go to the plan's dtype if they are a planned
-    tensor, else to ``plan.model_dtype``. Nothing float64 survives unless the model itself was float64."""
-    cast_slots(root, plan)
+    """The dtype audit of everything reachable from ``root``.
+
+    * parameters and buffers of the model and fused parameters: the planned dtype (:func:`cast_slots`);
+    * any other float64 tensor — slots the plan does not know (``_tensor_constantN`` and plain attributes that
+      ``fx.GraphModule`` registered as buffers) and plain tensor attributes (also inside lists / tuples / dicts)
+      — goes to ``plan.model_dtype``, unless it is float64 in the model under the same path
+      (``plan.float64_attributes``); a plain attribute aliasing a planned tensor gets that tensor's new value.
+
+    Nothing float64 survives unless the model had it. (A constant the trace computed from a float64 tensor of a
+    model that is otherwise float32 also becomes float32: fxfuse cannot tell what a constant was computed from;
+    the artifact check then compares outputs and their dtypes.)"""
     report = CastReport()
-    if plan.model_dtype == torch.float64:
-        return report
+    done = cast_slots(root, plan, report.overflowed)
+    model_dtype = _dtype_name(plan.model_dtype)
+    for path, _, store, key, t in named_tensor_slots(root):
+        if _stray_float64(t, path, plan):
+            cast_tensor_(store, key, t, plan.model_dtype)
+            report.attributes.append(f"{path} ({model_dtype})")
     for path, mod, key, value in attribute_tensors(root):
-        if path in plan.float64_attributes:
-            continue
-        changed: List[bool] = []
-
-        def cast(t: Any) -> Any:
-            if not isinstance(t, Tensor) or t.dtype != torch.float64:
-                return t
-            changed.append(True)
-            target = plan.target(t) or plan.model_dtype
-            return t.to(target)
-
-        new = cast(value) if isinstance(value, Tensor) else tree_map(cast, value)
-        if changed:
-            setattr(mod, key, new)
-            report.attributes.append(f"{path} ({str(plan.model_dtype).replace('torch.', '')})")
+        new = _cast_attribute(value, path, plan, done)
+        if new is not value:
+            vars(mod)[key] = new  # a plain attribute stays one (nn.Module.__setattr__ would register a Parameter)
+            if any(_is_float64_cast(o, n) for o, n in zip(tree_flatten(value)[0], tree_flatten(new)[0])):
+                report.attributes.append(f"{path} ({model_dtype})")
     return report
 
 
+def _cast_attribute(value: Any, path: str, plan: DtypePlan, done: Dict[int, Tensor]) -> Any:
+    """A plain attribute's value with stray float64 tensors cast to the model's dtype and aliases of cast slots
+    replaced by the slot's new tensor; ``value`` itself (same object) when nothing changes."""
+    changed = False
+
+    def cast(t: Any) -> Any:
+        nonlocal changed
+        if isinstance(t, Tensor) and plan.target(t) is not None and done.get(id(t), t) is not t:
+            changed = True
+            return done[id(t)]  # an alias of a buffer that was cast: the slot's new tensor
+        if not _stray_float64(t, path, plan):
+            return t
+        changed = True
+        return t.to(plan.model_dtype)
+
+    new = cast(value) if isinstance(value, Tensor) else tree_map(cast, value)
+    return new if changed else value
+
+
+def _is_float64_cast(old: Any, new: Any) -> bool:
+    return isinstance(old, Tensor) and old.dtype == torch.float64 and isinstance(new, Tensor) \
+        and new.dtype != torch.float64
+
+
 def float64_leaks(root: nn.Module, plan: DtypePlan) -> List[str]:
-    """Names of float64 tensors reachable from ``root`` that were not float64 in the model (empty after
-    :func:`cast_back`; checked before the result is returned)."""
+    """Paths of float64 tensors reachable from ``root`` that were not float64 in the model: planned slots whose
+    plan says otherwise, unplanned slots and plain attributes (empty after :func:`cast_back`; checked before the
+    result is returned)."""
     if plan.model_dtype == torch.float64:
         return []
-    leaks = [f"{type(m).__name__}.{k}" for m, _, k, t in tensor_slots(root)
-             if t.dtype == torch.float64 and plan.target(t) not in (None, torch.float64)]
-    for path, _, _, value in attribute_tensors(root):
-        if path not in plan.float64_attributes and any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in tree_flatten(value)[0]):
-            leaks.append(path)
+
+    def leaked(t: Any, path: str) -> bool:
+        return isinstance(t, Tensor) and t.dtype == torch.float64 \
+            and (plan.target(t) not in (None, torch.float64) or _stray_float64(t, path, plan))
+
+    leaks = [path for path, _, _, _, t in named_tensor_slots(root) if leaked(t, path)]
+    leaks += [path for path, _, _, value in attribute_tensors(root)
+              if any(leaked(t, path) for t in tree_flatten(value)[0])]
     return leaks
+
+
+def frozen_constants(root: nn.Module, plan: DtypePlan) -> List[str]:
+    """``"path [shape] dtype"`` of every tensor a graph of ``root`` reads (``get_attr``) that is not a parameter or
+    buffer of the model: values the trace evaluated (``_tensor_constantN``, e.g. a relative-position bias or an
+    attention mask computed from buffers) or plain tensor attributes. They are a snapshot: loading new weights
+    into the fused model does not update them. Call before :func:`cast_back` (the plan knows tensors by
+    identity); dtypes are the ones the model will hold."""
+    out: List[str] = []
+    for prefix, gm in root.named_modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            try:
+                value = operator.attrgetter(node.target)(gm)
+            except AttributeError:
+                continue
+            if not isinstance(value, Tensor) or plan.target(value) is not None:
+                continue
+            path = f"{prefix}.{node.target}" if prefix else node.target
+            dtype = plan.model_dtype if _stray_float64(value, path, plan) else value.dtype
+            out.append(f"{path} {list(value.shape)} {_dtype_name(dtype)}")
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def cast_inputs(args: Any, dtype: torch.dtype) -> Any:
@@ -208,7 +300,7 @@ class FusedTarget:
     requires_grad: bool
 
     @classmethod
-    def of(cls, module: nn.Module, plan: DtypePlan) -> "FusedTarget":
+    def of(cls, module: nn.Module, plan: DtypePlan) -> FusedTarget:
         ids = plan.as_id_map()
         counts: Dict[torch.dtype, int] = {}
         for p in module.parameters():

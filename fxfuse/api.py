@@ -3,20 +3,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import _dtypes
 from . import rules as _builtin_rules  # noqa: F401  (importing it registers the built-in rules)
 from .capture import Call, propagate_shapes, trace
+from .capture.state import attributes_preserved
 from .capture.submodules import rewrite_submodules
+from .capture import export as _export
 from .errors import FusionError, UnfaithfulTrace
+from .ir.read import Reader
 from .report import FusionReport, GraphStats
 from .rewrite import RewriteContext, Rule, RuleLike, resolve_rules, run_rules
 from .rewrite.driver import PassResult
@@ -31,6 +36,11 @@ class _Options:
     atol: float
     max_rollbacks: int
     in_float64: bool = True  # False when the model cannot run in float64: it is rewritten in its own dtypes
+    # A fresh graph of the module for each rewrite attempt: symbolic tracing, or a copy of the exported graph.
+    recapture: Callable[[Any], fx.GraphModule] = trace
+
+
+CAPTURES = ("auto", "symbolic", "export")
 
 
 def _normalize_inputs(example_input: Any) -> Tuple[Any, ...]:
@@ -55,6 +65,9 @@ def reparametrize(
     disable: Iterable[str] = (),
     fallback: bool = True,
     max_rollbacks: int = 8,
+    keep_asserts: bool = False,
+    capture: str = "auto",
+    dynamic_shapes: Any = None,
 ) -> nn.Module:
     """Return an eval-mode model equal to ``model`` with re-parameterizable structure collapsed into single convs.
 
@@ -70,11 +83,29 @@ def reparametrize(
     model with every traceable sub-module rewritten) carrying ``.fxfuse_report`` (:class:`FusionReport`).
 
     ``rules``: the rules to run (names / :class:`Rule` / functions) instead of the enabled registered ones;
-    ``enable`` / ``disable``: rule names added to / removed from that set.
+    ``enable`` / ``disable``: rule names added to / removed from that set. ``keep_asserts=True`` keeps shape
+    assertions the fused graph already guarantees (rule ``shape_assert``, which removes them by default).
+
+    ``capture``: how the model becomes a graph. ``"symbolic"``: ``torch.fx`` symbolic tracing. ``"export"``:
+    ``torch.export`` (non-strict), rewritten on the functional ATen graph; it captures code symbolic tracing cannot
+    (item assignment, ``int()`` of sizes, branches on shapes or devices, caches); the batch dim stays dynamic
+    unless ``dynamic_shapes`` (``torch.export``'s argument) says otherwise. ``"auto"`` (default): symbolic
+    tracing, then export when tracing fails or leaves BatchNorms / unfused candidates, keeping the result that
+    executes fewer convs + BatchNorms (symbolic on a tie); the per-sub-module fallback comes last.
+    ``report.capture`` / ``report.capture_reason`` say which was used and why. An ``ExportedProgram`` passed as
+    ``model`` is rewritten by :func:`reparametrize_exported` and one is returned.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        program: Any = reparametrize_exported(model, example_input, verify=verify, rtol=rtol, atol=atol, rules=rules,
+                                              enable=enable, disable=disable, max_rollbacks=max_rollbacks,
+                                              keep_asserts=keep_asserts, dynamic_shapes=dynamic_shapes)
+        return program  # an ExportedProgram: the same kind of object that was passed
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"reparametrize expects a torch.nn.Module, got {type(model).__name__}")
     args = _normalize_inputs(example_input)
+    disable = [*disable, "shape_assert"] if keep_asserts else disable
     opts = _Options(resolve_rules(rules, enable, disable), verify, rtol, atol, max_rollbacks)
     start = time.perf_counter()
     report = FusionReport()
@@ -90,6 +121,7 @@ def reparametrize(
 
     plan = _dtypes.DtypePlan(_dtypes.dominant_dtype(model))
     plan.record_attributes(model)
+    original = _run_original(model, args) if verify else None  # (output, error) in the model's own dtypes
     work = model if inplace else _dtypes.float64_copy(model)
     dtypes = _dtypes.slot_dtypes(model, work)
     work.eval()
@@ -102,13 +134,13 @@ def reparametrize(
     run_args = _dtypes.cast_inputs(args, torch.float64)
     try:
         if verify:
-            with torch.no_grad():
+            with torch.no_grad(), attributes_preserved(work):  # trace from the state the user's model is in
                 reference = work(*run_args)
     except Exception as exc64:  # any failure means float64 is not possible for this model
         _dtypes.restore_slot_dtypes(work, dtypes)
         run_args, opts.in_float64 = args, False
         try:
-            with torch.no_grad():
+            with torch.no_grad(), attributes_preserved(work):
                 reference = work(*run_args)
         except Exception as exc:
             raise ValueError(f"the model cannot run on example_input: {type(exc).__name__}: {exc}. Pass a tensor "
@@ -125,32 +157,76 @@ def reparametrize(
         return _rewrite_graph_module(module, gm, calls, opts, plan)
 
     def check_whole(module: nn.Module) -> Comparison:
-        return _check(module, [Call(run_args, {}, reference)], opts)
+        with attributes_preserved(module):  # each check starts from the state the reference run started from
+            return _check(module, [Call(run_args, {}, reference)], opts)
 
-    result: nn.Module
-    try:
-        gm = trace(work)
-    except Exception as exc:  # any tracing failure: rewrite the traceable sub-modules instead
-        if not fallback:
-            raise FusionError(f"model does not trace with torch.fx ({type(exc).__name__}: {exc}); "
-                              "pass fallback=True to rewrite its traceable sub-modules") from exc
-        result = rewrite_submodules(work, run_args, rewrite_one, check_whole if verify else None, report, exc)
-        report.verify_dtype = _dtype_name(_dtypes.leaf_dtype(reference)) if verify else None
-    else:
+    result: Optional[nn.Module] = None
+    symbolic_error: Optional[Exception] = None
+    chosen: Optional[FusionReport] = None
+    if capture in ("auto", "symbolic"):
         try:
-            result, sub_report = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
-            report.take(sub_report)
-        except UnfaithfulTrace as exc:
-            if not fallback:
-                raise
-            result = rewrite_submodules(work, run_args, rewrite_one, check_whole if verify else None, report, exc)
-            report.verify_dtype = _dtype_name(_dtypes.leaf_dtype(reference)) if verify else None
+            gm = trace(work)
+        except Exception as exc:  # any tracing failure: export (auto), else the traceable sub-modules
+            symbolic_error = exc
+        else:
+            try:
+                result, chosen = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
+                report.capture, report.capture_reason = "symbolic", "traced whole by torch.fx"
+            except UnfaithfulTrace as exc:
+                symbolic_error = exc
+    if capture == "export" or (capture == "auto" and (result is None or _export_may_improve(chosen, result))):
+        try:
+            exported, exp_report, captured = _rewrite_exported(work, run_args, reference, opts, plan,
+                                                               dynamic_shapes)
+        except Exception as exc:  # export failed, or its graph differs from the model
+            if capture == "export" and isinstance(exc, FusionError) and not isinstance(exc, UnfaithfulTrace):
+                raise  # the graph was captured; the rewrite could not be verified
+            if capture == "export":
+                raise FusionError(f"torch.export could not capture an equal graph of the model "
+                                  f"({type(exc).__name__}: {_first_line(exc, 300)})") from exc
+            if result is not None:
+                report.capture_reason += f"; export not used ({type(exc).__name__}: " \
+                                         f"{_first_line(exc, 160)})"
+        else:
+            how = f"torch.export in {captured.seconds:.2f} s, {captured.dynamic}"
+            if result is None or chosen is None:
+                why = "requested" if capture == "export" else (
+                    f"symbolic tracing failed ({type(symbolic_error).__name__}: "
+                    f"{_first_line(symbolic_error, 160) if symbolic_error is not None else ''})")
+                result, chosen = exported, exp_report
+                report.capture, report.capture_reason = "export", f"{why}; {how}"
+            elif _executed(exp_report) < _executed(chosen):
+                report.capture, report.capture_reason = "export", (
+                    f"executes fewer convs + BatchNorms than the symbolic trace ({_executed(exp_report)} vs "
+                    f"{_executed(chosen)}); {how}")
+                result, chosen = exported, exp_report
+            else:
+                report.capture_reason += (f"; export reached no fewer convs + BatchNorms ({_executed(exp_report)} "
+                                          f"vs {_executed(chosen)})")
+    if chosen is not None:
+        report.take(chosen)
+    if result is None:
+        assert symbolic_error is not None
+        if not fallback:
+            if isinstance(symbolic_error, UnfaithfulTrace):
+                raise symbolic_error
+            raise FusionError(f"model does not trace with torch.fx ({type(symbolic_error).__name__}: "
+                              f"{symbolic_error}); pass fallback=True to rewrite its traceable sub-modules"
+                              ) from symbolic_error
+        result = rewrite_submodules(work, run_args, rewrite_one, check_whole if verify else None, report,
+                                    symbolic_error)
+        report.verify_dtype = _dtype_name(_dtypes.leaf_dtype(reference)) if verify else None
+        report.capture = "submodules"
+        report.capture_reason = ("the model does not trace whole with torch.fx"
+                                 + (" and torch.export failed" if capture == "auto" else ""))
 
+    report.frozen_constants = _dtypes.frozen_constants(result, plan)
     cast = _dtypes.cast_back(result, plan)
     report.cast_attributes = cast.attributes
-    report.frozen_constants = _frozen_constants(result)
+    if inplace:  # the model itself was the float64 working copy: its layers the result no longer uses as well
+        _dtypes.restore_slot_dtypes(work, dtypes)
     result.eval()
-    _check_artifact(result, args, reference, opts, plan, report)
+    _check_artifact(result, args, reference, original, opts, plan, report, cast.overflowed)
     report.pass_seconds = time.perf_counter() - start
     result.fxfuse_report = report  # type: ignore[assignment]
     if isinstance(result, fx.GraphModule):
@@ -168,52 +244,148 @@ def _has_float_tensor(output: Any) -> bool:
     return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
 
 
-def _frozen_constants(result: nn.Module) -> List[str]:
-    """Tensors that tracing evaluated into the graph (``_tensor_constantN``): loading new weights into the fused
-    model does not update them."""
-    out = []
-    for path, mod in result.named_modules():
-        if isinstance(mod, fx.GraphModule):
-            for key, value in vars(mod).items():
-                if key.startswith("_tensor_constant") and isinstance(value, Tensor):
-                    name = f"{path}.{key}" if path else key
-                    out.append(f"{name} {list(value.shape)}")
-    return out
+def _clone_inputs(args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """Fresh copies of the input tensors: a forward that writes its input must not change the user's example."""
+    return tree_map(lambda a: a.clone() if isinstance(a, Tensor) else a, args)
 
 
-def _check_artifact(result: nn.Module, args: Tuple[Any, ...], reference: Any, opts: _Options,
-                    plan: _dtypes.DtypePlan, report: FusionReport) -> None:
-    """Run what is returned, in its own dtype and device, on the example input. With verification, compare it
-    with the reference at the tolerance of its dtype; without, it must at least run."""
+def _run_original(model: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, Optional[Exception]]:
+    """``(output, None)`` of the original model in its own dtypes and device on the example input, or ``(None,
+    error)`` if it does not run there. Run in eval mode on a copy sharing its tensors
+    (:func:`fxfuse._dtypes.shared_copy`), so ``model``'s attributes and train-mode statistics are not touched."""
+    try:
+        copied = _dtypes.shared_copy(model).eval()
+    except Exception:  # a model that cannot be copied (inplace=True): checked against the reference only
+        return None, None
+    try:
+        with torch.no_grad():
+            return copied(*_clone_inputs(args)), None
+    except Exception as exc:  # e.g. no CPU kernel for this dtype: the float64 copy may still run
+        return None, exc
+
+
+def _rounding_noise(result: nn.Module, args: Tuple[Any, ...], out: Any, rtol: float, atol: float) -> float:
+    """How far ``result``'s output moves when every floating input is scaled by ``1 ± eps`` of its dtype: the
+    largest relative change, the resolution at which an output decided by rounding (top-k, NMS, thresholds) can be
+    compared at all. ``inf`` when the nudge changes an integer output or a shape (detections kept or dropped), 0
+    without floating inputs, NaN when a nudged run fails (no measure)."""
+    if not any(isinstance(a, Tensor) and a.is_floating_point() for a in tree_leaves(args)):
+        return 0.0
+    worst = 0.0
+    for sign in (1.0, -1.0):
+        nudged = tree_map(lambda a, s=sign: a * (1 + s * torch.finfo(a.dtype).eps)
+                          if isinstance(a, Tensor) and a.is_floating_point() else a, args)
+        try:
+            with torch.no_grad(), attributes_preserved(result):
+                worst = max(worst, compare(out, result(*nudged), rtol, atol).max_rel)
+        except Exception:  # it ran on the example input; a failure here measures nothing
+            return math.nan
+    return worst
+
+
+def _output_dtypes_differ(original: Any, out: Any) -> Optional[str]:
+    """Which output tensor's dtype or device differs from the original model's (``None`` when all agree)."""
+    ref_leaves, out_leaves = tree_leaves(original), tree_leaves(out)
+    for i, (r, a) in enumerate(zip(ref_leaves, out_leaves)):
+        if isinstance(r, Tensor) and isinstance(a, Tensor) and (r.dtype, r.device) != (a.dtype, a.device):
+            return (f"output {i} is {_dtype_name(a.dtype)} on {a.device}, the original model's is "
+                    f"{_dtype_name(r.dtype)} on {r.device}")
+    return None
+
+
+def _check_artifact(result: nn.Module, args: Tuple[Any, ...], reference: Any,
+                    original: Optional[Tuple[Any, Optional[Exception]]], opts: _Options,
+                    plan: _dtypes.DtypePlan, report: FusionReport, overflowed: Sequence[str] = ()) -> None:
+    """Run what is returned, in its own dtype and device, on the example input (its plain attributes are restored
+    afterwards); it must run. Its tensors must hold no float64 the model did not have
+    (:func:`fxfuse._dtypes.float64_leaks`). With verification its outputs must have the dtypes and devices of the
+    original model's (``original``: its own-dtype run) and match the float64 reference: ``max|out − ref| ≤ tol ·
+    max|ref|`` with ``tol = max(rtol(dtype), 2 · e)``, ``e`` the original's own relative error in its dtype
+    (:func:`fxfuse.verify.default_rtol`) — or, where that fails, equal the original's own-dtype output at
+    ``rtol(dtype)`` (a float16 model that overflows to the same NaN/inf as the original), or, for an output
+    decided by rounding (detection: which boxes NMS keeps), be within ``tol + 2·n``, ``n`` how far a one-ulp change
+    of the input moves it (:func:`_rounding_noise`; unbounded where the nudge changes which detections come out).
+    A model with integer outputs (selections: labels, indices) that differ is not comparable in its dtype and is
+    accepted with a warning. Otherwise, or when a fused tensor overflows its dtype (``overflowed``),
+    :class:`FusionError`."""
     leaks = _dtypes.float64_leaks(result, plan)
     if leaks:
         raise FusionError(f"float64 tensors left in the result of a {_dtype_name(plan.model_dtype)} model: "
-                          f"{', '.join(leaks[:8])}")
+                          f"{', '.join(leaks[:8])}; please report this model")
+    if overflowed:
+        raise FusionError(f"fused tensors do not fit the model's dtype (finite in float64, inf once cast): "
+                          f"{', '.join(overflowed[:8])}; the unfused model is the equal one in that dtype")
+    own_error = original[1] if original is not None else None
     try:
-        with torch.no_grad():
-            out = result(*args)
+        with torch.no_grad(), attributes_preserved(result):
+            out = result(*_clone_inputs(args))
     except Exception as exc:
+        if own_error is not None:  # the original model does not run here either: nothing to compare with
+            report.artifact_check = (f"not run: the original model does not run on the example input in its own "
+                                     f"dtype either ({type(own_error).__name__}: {str(own_error)[:160]})")
+            report.warnings.append("the returned model was not run in its own dtype: " + report.artifact_check)
+            return
         raise FusionError(f"the fused model does not run on the example input in its own dtype "
                           f"({type(exc).__name__}: {exc}); please report this model") from exc
     dtype = _dtypes.leaf_dtype(out)
     if reference is None or dtype is None:
         report.artifact_check = f"ran in {_dtype_name(dtype)} (not compared: verify=False)"
         return
+    own = original[0] if original is not None and own_error is None else None
+    differ = _output_dtypes_differ(own, out) if own is not None else None
+    if differ:
+        raise FusionError(f"the fused model, run in its own dtype, changed an output's dtype: {differ}; please "
+                          "report this model")
     rtol = max(opts.rtol or 0.0, default_rtol(dtype))
-    cmp = compare(reference, out, rtol, opts.atol)
+    # The original in its own dtype is itself only so close to the float64 reference (deep bfloat16 nets: ~5%);
+    # the fused model may be as far, twice over (two roundings), but no farther.
+    own_rel = compare(reference, own, rtol, opts.atol).max_rel if own is not None else math.inf
+    tol = max(rtol, 2 * own_rel) if math.isfinite(own_rel) else rtol
+    cmp = compare(reference, out, tol, opts.atol)
     report.artifact_max_rel_error = cmp.max_rel
-    if not cmp.ok:
-        raise FusionError(f"the fused model, run in {_dtype_name(dtype)}, differs from the reference beyond that "
-                          f"dtype's tolerance: {cmp.detail}")
-    report.artifact_check = (f"ran in {_dtype_name(dtype)}: max relative error {cmp.max_rel:.3g} vs the reference "
-                             f"(tolerance {rtol:g} of max |ref|)")
+    name, same = _dtype_name(dtype), ("outputs of the original's dtypes; " if own is not None else
+                                      "(the original does not run in its dtype) ")
+    if cmp.ok:
+        own_note = f"; the original in its dtype: {own_rel:.3g}" if own is not None else ""
+        report.artifact_check = (f"ran in {name} {same}max relative error {cmp.max_rel:.3g} vs the reference "
+                                 f"(tolerance {tol:.3g} of max |ref|{own_note})")
+        return
+    vs_own = compare(own, out, rtol, opts.atol) if own is not None else None
+    if vs_own is not None and vs_own.ok:  # e.g. float16 overflow: the original gives the same NaN/inf
+        report.artifact_check = (f"ran in {name} {same}equal to the original run in its dtype (max relative error "
+                                 f"{vs_own.max_rel:.3g}, tolerance {rtol:g}); vs the float64 reference: "
+                                 f"{cmp.max_rel:.3g} (the original's: {own_rel:.3g})")
+        report.warnings.append(f"in {name} the returned model differs from the float64 computation by "
+                               f"{cmp.max_rel:.3g} (relative; the original model by {own_rel:.3g}): it was "
+                               f"accepted as equal to the original run in {name}")
+        return
+    noise = _rounding_noise(result, args, out, rtol, opts.atol)
+    if noise > 0 and cmp.max_rel <= tol + 2 * noise:  # detection: what NMS / top-k keeps is decided by rounding
+        moves = "changes which detections / integer outputs it gives" if noise == math.inf \
+            else f"moves it by {noise:.3g}"
+        report.artifact_check = (f"ran in {name} {same}max relative error {cmp.max_rel:.3g} vs the reference; the "
+                                 f"output is ill-conditioned in {name} (a one-ulp change of the input {moves}): "
+                                 f"compared at that resolution")
+        report.warnings.append(f"in {name} the output is decided by rounding (a one-ulp change of the input "
+                               f"{moves}): the returned model was compared at that resolution only")
+        return
+    if any(isinstance(r, Tensor) and not (r.is_floating_point() or r.is_complex()) for r in tree_leaves(reference)):
+        # Integer outputs of a float model are selections (labels, indices, which boxes NMS keeps): rounding in
+        # the model's dtype may change them, so only the float64 check above can decide equality.
+        report.artifact_check = (f"ran in {name} {same}not comparable in {name}: its integer outputs (selections) "
+                                 f"differ from the float64 reference as rounding may make them ({cmp.detail})")
+        report.warnings.append(f"the returned model, run in {name}, selects differently from the float64 reference "
+                               f"({cmp.detail}): equal in float64, selections decided by rounding in {name}")
+        return
+    raise FusionError(f"the fused model, run in {name}, differs from the reference beyond that dtype's tolerance: "
+                      f"{cmp.detail}")
 
 
 # ------------------------------------------------------------------------------------- one graph
 def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, target: _dtypes.FusedTarget,
              deny: Set[str], max_rewrites: Optional[int],
              gm: Optional[fx.GraphModule] = None) -> Tuple[fx.GraphModule, PassResult, RewriteContext]:
-    gm = trace(module) if gm is None else gm  # the caller's fresh trace is used once, then traced anew
+    gm = opts.recapture(module) if gm is None else gm  # the caller's fresh graph is used once, then captured anew
     try:
         propagate_shapes(gm, calls[0])
     except Exception as exc:  # the traced graph does not run on the recorded inputs
@@ -288,6 +460,7 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
     report.unfused = result.unfused
     report.applied = result.applied
     report.rolled_back = rolled
+    report.weight_growth = ctx.weight_growth()
     report.after = GraphStats.of(fused)
     if opts.verify:
         report.verified = True
@@ -296,3 +469,87 @@ def _rewrite_graph_module(module: nn.Module, gm: fx.GraphModule, calls: Sequence
     if rolled:
         report.warnings.append(f"{len(rolled)} rewrite(s) changed the outputs and were rolled back")
     return fused, report
+
+
+# ------------------------------------------------------------------------------------- export capture
+_first_line = _export._first_line
+
+
+def _executed(report: FusionReport) -> int:
+    """Convs + BatchNorms the rewritten graph executes: what ``capture="auto"`` minimizes."""
+    return report.after.convs + report.after.batch_norms
+
+
+def _export_may_improve(report: Optional[FusionReport], gm: Optional[nn.Module]) -> bool:
+    """Whether an ATen graph could fuse more than the symbolic result did. Only where symbolic capture is the limit:
+    a module the symbolic graph calls as an opaque leaf while it holds parameters (a forward hook, a ``torch.nn``
+    leaf export inlines) when BatchNorms are left, or a skip because a weight / statistic was not a constant in
+    the symbolic graph. BatchNorms left for algebraic reasons (batch statistics, a padded conv after a shift)
+    stay in any capture, so they do not cost an export."""
+    if report is None or not isinstance(gm, fx.GraphModule):
+        return True
+    if any("non-constant" in u.reason for u in report.unfused):
+        return True
+    if report.after.batch_norms == 0 and not report.unfused:
+        return False
+    reader = Reader(gm)
+    return any(n.op == "call_module" and reader.module(n) is None
+               and any(True for _ in reader.modules[str(n.target)].parameters())
+               for n in gm.graph.nodes if str(n.target) in reader.modules)
+
+
+def _rewrite_exported(work: nn.Module, run_args: Tuple[Any, ...], reference: Any, opts: _Options,
+                      plan: _dtypes.DtypePlan, dynamic_shapes: Any
+                      ) -> Tuple[fx.GraphModule, FusionReport, _export.ExportCapture]:
+    """Capture ``work`` with ``torch.export`` (:func:`fxfuse.capture.export.capture`) and rewrite that graph; each
+    rewrite attempt starts from a fresh copy of the captured graph."""
+
+    def faithful(gm: fx.GraphModule) -> bool:
+        if reference is None:
+            return True
+        with torch.no_grad(), attributes_preserved(gm):
+            return compare(reference, gm(*run_args), opts.rtol, opts.atol).ok
+
+    with attributes_preserved(work):
+        captured = _export.capture(work, run_args, dynamic_shapes, faithful)
+    export_opts = dataclasses.replace(opts, recapture=_export.fresh_copy)
+    fused, report = _rewrite_graph_module(captured.gm, _export.fresh_copy(captured.gm),
+                                          [Call(run_args, {}, reference)], export_opts, plan)
+    return fused, report, captured
+
+
+def reparametrize_exported(ep: torch.export.ExportedProgram, example_input: Any = None, *,
+                           dynamic_shapes: Any = None, **kwargs: Any) -> torch.export.ExportedProgram:
+    """``reparametrize`` for an ``ExportedProgram``: rewrites ``ep.module()`` on its ATen graph and exports the
+    result again with ``ep``'s signature (same inputs and outputs, same dynamic dims unless ``dynamic_shapes``
+    says otherwise), so ``torch.export.save`` / ``load`` and whatever ran ``ep`` run it. ``example_input``
+    defaults to the inputs ``ep`` was exported with. The report is ``result.fxfuse_report`` (not saved)."""
+    if example_input is None:
+        if ep.example_inputs is None:
+            raise ValueError("this ExportedProgram carries no example inputs: pass example_input")
+        args, call_kwargs = ep.example_inputs
+        if call_kwargs:
+            raise ValueError("the ExportedProgram was exported with keyword inputs; pass example_input "
+                             "(positional inputs) for a program without them")
+    else:
+        args = _normalize_inputs(example_input)
+    shapes = dynamic_shapes if dynamic_shapes is not None else _export.dynamic_shapes_of(ep)
+    module = ep.module()
+    for mod in module.modules():  # the program's mode is fixed in its graph; its eval() raises NotImplementedError
+        mod.training = False
+    fused = reparametrize(module, args, capture="export", dynamic_shapes=shapes, **kwargs)
+    program = _export.to_exported_program(fused, args, dynamic_shapes=shapes)
+    program.fxfuse_report = fused.fxfuse_report  # type: ignore[attr-defined]
+    return program
+
+
+def compile(model: nn.Module, example_input: Any, *, reparametrize_kwargs: Optional[Dict[str, Any]] = None,
+            **compile_kwargs: Any) -> Callable[..., Any]:
+    """Re-parameterize, then ``torch.compile``: ``torch.compile(reparametrize(model, example_input,
+    **reparametrize_kwargs), **compile_kwargs)``. The compiled function carries the pass's report as
+    ``.fxfuse_report``. Timings against compiling the original: docs/benchmarks.md (``benchmarks/compile_path.py``)."""
+    fused = reparametrize(model, example_input, **(reparametrize_kwargs or {}))
+    compiled = torch.compile(fused, **compile_kwargs)
+    compiled.fxfuse_report = fused.fxfuse_report  # type: ignore[attr-defined]
+    return compiled
+

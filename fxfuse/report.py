@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
-from torch import fx
+import torch
+from torch import Tensor, fx
 
 from .ir.ops import op_kind
 
@@ -19,6 +20,35 @@ class Unfused:
     node: str
     target: str
     reason: str
+
+
+@dataclass(frozen=True)
+class WeightGrowth:
+    """Weight range of one fused conv vs its main branch's original kernel, per output channel:
+    ``growth[o] = max|W_fused[o]| / max|W_main[o]|`` (folded BN scales and added branches both count). A channel
+    whose growth exceeds ``OUTLIER_FACTOR`` × the median channel's is an outlier: one channel's range then sets a
+    per-tensor int8 scale for all (docs/expand.md, quantization)."""
+
+    module: str
+    channels: int
+    max_growth: float
+    median_growth: float
+    outliers: Tuple[int, ...] = ()
+
+    OUTLIER_FACTOR: ClassVar[float] = 4.0
+
+    @classmethod
+    def of(cls, module: str, fused: Tensor, main: Tensor) -> Optional[WeightGrowth]:
+        """``None`` when the kernels do not share their output-channel axis (e.g. a transposed conv)."""
+        if fused.dim() != main.dim() or fused.dim() < 2 or fused.shape[0] != main.shape[0]:
+            return None
+        f = fused.detach().to(torch.float64).abs().flatten(1).amax(1)
+        m = main.detach().to(torch.float64).abs().flatten(1).amax(1).to(f.device)
+        growth = torch.where(m > 0, f / m.clamp_min(1e-300), torch.where(f > 0, torch.inf, 1.0))
+        median = float(growth.median())
+        outliers = tuple(int(i) for i in torch.nonzero(growth > cls.OUTLIER_FACTOR * median).flatten()) \
+            if median > 0 else ()
+        return cls(module, int(growth.numel()), float(growth.max()), median, outliers)
 
 
 @dataclass
@@ -34,7 +64,7 @@ class GraphStats:
     metadata_reads: int = 0  # x.shape / x.ndim / x.size() … reads
 
     @classmethod
-    def of(cls, gm: fx.GraphModule) -> "GraphStats":
+    def of(cls, gm: fx.GraphModule) -> GraphStats:
         modules = dict(gm.named_modules())
         stats = cls()
         for node in gm.graph.nodes:
@@ -78,30 +108,37 @@ class FusionReport:
     tolerance: Optional[float] = None
     pass_seconds: float = 0.0
     traced_whole: bool = True
+    # Which capture produced the result — "symbolic" (torch.fx), "export" (torch.export, ATen graph) or
+    # "submodules" (per-sub-module fallback) — and why that one (reparametrize(capture=...)).
+    capture: str = "symbolic"
+    capture_reason: str = ""
     submodules: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     artifact_check: Optional[str] = None  # the returned model, run once in its own dtype (see reparametrize)
     artifact_max_rel_error: Optional[float] = None
     cast_attributes: List[str] = field(default_factory=list)  # plain tensor attributes cast back from float64
     frozen_constants: List[str] = field(default_factory=list)  # trace-time constants: a snapshot of the weights
+    weight_growth: List[WeightGrowth] = field(default_factory=list)  # per fused conv (quantization readiness)
 
     @property
     def total_fused(self) -> int:
         return sum(self.fused.values())
 
-    def take(self, other: "FusionReport") -> None:
+    def take(self, other: FusionReport) -> None:
         """Adopt a whole-graph rewrite's report (keeps this report's warnings first)."""
         for name in ("fused", "unfused", "rolled_back", "applied", "before", "after", "verified", "verify_dtype",
-                     "max_abs_error", "max_rel_error", "tolerance"):
+                     "max_abs_error", "max_rel_error", "tolerance", "weight_growth"):
             setattr(self, name, getattr(other, name))
         self.warnings.extend(other.warnings)
 
-    def merge(self, prefix: str, other: "FusionReport") -> None:
+    def merge(self, prefix: str, other: FusionReport) -> None:
         """Fold a sub-module's report into this one (fallback mode)."""
         self.fused.update(other.fused)
         self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.reason) for u in other.unfused)
         self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
         self.applied.extend(f"{prefix}.{a}" for a in other.applied)
+        self.weight_growth.extend(WeightGrowth(f"{prefix}.{g.module}", g.channels, g.max_growth, g.median_growth,
+                                               g.outliers) for g in other.weight_growth)
         for name in GraphStats.__dataclass_fields__:
             setattr(self.before, name, getattr(self.before, name) + getattr(other.before, name))
             setattr(self.after, name, getattr(self.after, name) + getattr(other.after, name))
@@ -121,6 +158,8 @@ class FusionReport:
         if self.verified is not None:
             lines.append(f"  verified={self.verified} in {self.verify_dtype}: max abs error {self.max_abs_error:.3g}"
                          f" (relative {self.max_rel_error:.3g}, tolerance {self.tolerance:.3g})")
+        if self.capture_reason:
+            lines.append(f"  capture: {self.capture} ({self.capture_reason})")
         if not self.traced_whole:
             lines.append("  model did not trace as a whole; sub-modules:")
             lines.extend(f"    {k}: {v}" for k, v in self.submodules.items())
@@ -129,6 +168,11 @@ class FusionReport:
         if self.unfused:
             lines.append(f"  left unfused ({len(self.unfused)}):")
             lines.extend(f"    [{u.rule}] {u.node} ({u.target}): {u.reason}" for u in self.unfused)
+        flagged = [g for g in self.weight_growth if g.outliers]
+        if flagged:
+            lines.append(f"  weight range outliers (channels grown > {WeightGrowth.OUTLIER_FACTOR:g}x the median "
+                         f"channel's growth vs the main branch): "
+                         + ", ".join(f"{g.module} {len(g.outliers)}/{g.channels}" for g in flagged))
         if self.artifact_check is not None:
             lines.append(f"  returned model {self.artifact_check}")
         if self.cast_attributes:

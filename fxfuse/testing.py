@@ -17,14 +17,13 @@ Needs ``hypothesis`` (``pip install fxfuse[test]``).
 from __future__ import annotations
 
 import copy
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 try:
     from hypothesis import strategies as st
@@ -34,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - only without the test extra
 from .api import reparametrize
 from .ir.ops import module_kind, op_kind
 from .models import randomize_batchnorm_
+from .verify import compare
 
 __all__ = [
     "ConvGeometry",
@@ -183,6 +183,8 @@ class BatchNormState:
     def apply_(self, bn: nn.Module) -> nn.Module:
         """Write this state's random parameters / statistics into ``bn`` (in place; missing tensors skipped)."""
         n = bn.num_features
+        if not isinstance(n, int):
+            raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
         gen = torch.Generator().manual_seed(self.seed)
         f64 = torch.float64
         values = {
@@ -221,25 +223,25 @@ def batchnorm_states(
 
 
 # ---------------------------------------------------------------------------------------- structure
+COUNTED_KINDS = ("conv", "batch_norm", "avg_pool", "linear")
+"""The op classes :func:`op_counts` counts (names from :data:`fxfuse.ir.ops.OP_KINDS`)."""
+
+
 def _graph_counts(gm: fx.GraphModule, counts: Counter) -> None:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        mod = modules.get(node.target) if node.op == "call_module" else None
+        mod = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(mod, fx.GraphModule):
             _graph_counts(mod, counts)
             continue
-        kind = op_kind(node, modules)
-        if kind is None and (isinstance(mod, nn.Linear)
-                             or (node.op == "call_function" and node.target is torch.nn.functional.linear)):
-            kind = "linear"
-        if kind is not None and kind != "add":
+        kind = op_kind(node, modules) if node.op in ("call_module", "call_function", "call_method") else None
+        if kind in COUNTED_KINDS:
             counts[kind] += 1
 
 
 def op_counts(model: nn.Module) -> Counter:
-    """``Counter`` of ``conv`` (incl. transposed), ``batch_norm``, ``avg_pool`` and ``linear`` ops.
+    """``Counter`` of ``conv`` (incl. transposed), ``batch_norm``, ``avg_pool`` and ``linear`` ops, classified by
+    the op table (:func:`fxfuse.ir.ops.op_kind` / :func:`~fxfuse.ir.ops.module_kind`).
 
     For a ``GraphModule`` these are call sites in the graph (modules and functional calls; a module called twice
     counts twice); for other modules (the fallback result of an untraceable model) sub-modules are counted by
@@ -253,14 +255,10 @@ def op_counts(model: nn.Module) -> Counter:
         for child in mod.children():
             if isinstance(child, fx.GraphModule):
                 _graph_counts(child, counts)
-            elif isinstance(child, nn.modules.conv._ConvNd):
-                counts["conv"] += 1
-            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
-                counts["batch_norm"] += 1
-            elif isinstance(child, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-                counts["avg_pool"] += 1
-            elif isinstance(child, nn.Linear):
-                counts["linear"] += 1
+                continue
+            kind = module_kind(child)
+            if kind in COUNTED_KINDS:
+                counts[kind] += 1
             else:
                 visit(child)
 
@@ -275,30 +273,15 @@ def _to_double(args: Any) -> Any:
 
 def assert_close_f64(reference: Any, actual: Any, rtol: float = 1e-10, what: str = "output",
                      atol: float = 0.0) -> float:
-    """Assert nested outputs have the same structure and every tensor leaf satisfies
-    ``max|a − r| ≤ atol + rtol · max|r|`` (compared in float64; NaN only where the reference is NaN).
-    Returns the worst relative error."""
-    ref_leaves, ref_spec = tree_flatten(reference)
-    out_leaves, out_spec = tree_flatten(actual)
-    assert ref_spec == out_spec, f"{what}: output structure differs: {out_spec} vs {ref_spec}"
-    worst = 0.0
-    for i, (r, a) in enumerate(zip(ref_leaves, out_leaves)):
-        if not isinstance(r, Tensor):
-            assert r == a, f"{what} {i}: {a!r} != {r!r}"
-            continue
-        assert isinstance(a, Tensor) and a.shape == r.shape, \
-            f"{what} {i}: shape {tuple(getattr(a, 'shape', ()))} != {tuple(r.shape)}"
-        r64, a64 = r.detach().to(torch.float64), a.detach().to(torch.float64)
-        nan_r, nan_a = torch.isnan(r64), torch.isnan(a64)
-        assert torch.equal(nan_r, nan_a), f"{what} {i}: NaN pattern differs"
-        r64, a64 = r64.masked_fill(nan_r, 0.0), a64.masked_fill(nan_a, 0.0)
-        err = float((a64 - r64).abs().max()) if r64.numel() else 0.0
-        scale = float(r64.abs().max()) if r64.numel() else 0.0
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        assert err <= atol + rtol * scale, (f"{what} {i}: max abs error {err:.3g} > {atol:g} + {rtol:g} · max|ref| "
-                                            f"{scale:.3g} (relative {rel:.3g})")
-        worst = max(worst, rel)
-    return worst
+    """Assert :func:`fxfuse.verify.compare` accepts ``actual``: the same nested structure, equal non-tensor
+    leaves, and per tensor leaf ``max|a − r| ≤ atol + rtol · max|r|`` computed in float64 (NaN only where the
+    reference is NaN). Returns the worst relative error ``max|a − r| / max|r|``.
+
+    The same comparison as the pass's own verification, on purpose: a test then checks the number
+    ``reparametrize`` promises, with the test's (tighter) tolerance and on inputs the pass never saw."""
+    cmp = compare(reference, actual, rtol, atol)
+    assert cmp.ok, f"{what}: {cmp.detail} (relative {cmp.max_rel:.3g}, rtol {rtol:g}, atol {atol:g})"
+    return cmp.max_rel
 
 
 def _other_batch(args: Tuple[Any, ...], batch: Optional[int], seed: int) -> Tuple[Any, ...]:
@@ -337,6 +320,7 @@ def assert_reparametrizes(
     rtol: float = 1e-10,
     atol: float = 0.0,
     second_batch: Union[bool, int] = True,
+    extra_inputs: Sequence[Any] = (),
     randomize: bool = True,
     seed: int = 0,
     allow_rollback: bool = False,
@@ -350,7 +334,8 @@ def assert_reparametrizes(
     2. ``fused = fxfuse.reparametrize(model, example_input, **reparametrize_kwargs)`` (``rules=``,
        ``enable=``, ``verify=`` … pass through).
     3. Outputs of deep copies of both, in float64, agree to ``max|Δ| ≤ atol + rtol · max|y|`` on
-       ``example_input`` and (``second_batch``: True or a batch size) on random inputs with another batch size.
+       ``example_input``, (``second_batch``: True or a batch size) on random inputs with another batch size, and
+       on each of ``extra_inputs`` (a tensor or a tuple of inputs each, e.g. another spatial size).
        ``atol`` (default 0) is also passed to ``reparametrize``'s verification: an absolute floor for outputs
        that are exactly zero up to float64 rounding (e.g. the mean of a batch-normalized map).
     4. Structure, each only when given: conv ops (``expect_convs``), BatchNorm ops (``expect_batch_norms``,
@@ -389,17 +374,18 @@ def assert_reparametrizes(
     inputs = [args]
     if second_batch:
         inputs.append(_other_batch(args, None if second_batch is True else int(second_batch), seed))
+    inputs.extend(_to_double(tuple(e) if isinstance(e, (tuple, list)) else (e,)) for e in extra_inputs)
     ref_model, new_model = copy.deepcopy(model).double().eval(), copy.deepcopy(fused).double().eval()
     for i, inp in enumerate(inputs):
         reference = _run(ref_model, inp)
         try:
             actual = _run(new_model, inp)
-        except Exception as exc:  # noqa: BLE001 - a model that no longer runs is a failed check
+        except Exception as exc:  # a model that no longer runs is a failed check
             raise AssertionError(f"the fused model fails on input {i}: {type(exc).__name__}: {exc}{summary}") \
                 from exc
         try:
-            assert_close_f64(reference, actual, rtol, what=f"input {i} ({'example' if i == 0 else 'other batch'})",
-                             atol=atol)
+            label = "example" if i == 0 else "other batch" if second_batch and i == 1 else "extra input"
+            assert_close_f64(reference, actual, rtol, what=f"input {i} ({label})", atol=atol)
         except AssertionError as exc:
             raise AssertionError(f"{exc}{summary}") from None
 

@@ -1,51 +1,36 @@
-"""Shared assertions for fusion tests: float64 equality and structure counts."""
+"""Shared assertions for fusion tests: the checker (float64 equality, no rollback), skip reasons, structure counts.
+
+Every fusion test goes through :func:`fuse_and_check`, a thin layer over :func:`fxfuse.testing.assert_reparametrizes`:
+BN statistics randomized, float64, outputs equal to ``rtol · max|y|`` on the example input, on another batch and on
+any ``second`` input, the input model untouched, and **no rewrite rolled back by verification**. The last point is
+what makes a negative test able to fail: a rule that makes exactly the wrong rewrite is undone by verification, so
+the op counts alone would look unchanged; the rollback is what shows it.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-import torchvision
-
+import pytest
 import torch
+import torchvision
 from torch import fx, nn
 
-import fxfuse
-from fxfuse import GraphStats
+from fxfuse import GraphStats, RewriteContext
 from fxfuse.models import randomize_batchnorm_
-
-
-def as_inputs(x: Any) -> Tuple[Any, ...]:
-    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
-
-
-def max_rel_error(a: Any, b: Any) -> float:
-    """max |a - b| / max |b| over (nested) tensor outputs."""
-    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
-    assert len(la) == len(lb)
-    worst = 0.0
-    for x, y in zip(la, lb):
-        assert x.shape == y.shape, (x.shape, y.shape)
-        scale = float(y.abs().max()) or 1.0
-        worst = max(worst, float((x - y).abs().max()) / scale)
-    return worst
+from fxfuse.testing import assert_reparametrizes
 
 
 def fuse_and_check(model: nn.Module, x: Any, *, seed: int = 0, rtol: float = 1e-10, second: Any = None,
-                   **kwargs) -> fx.GraphModule:
-    """Randomize BN stats, reparametrize a float64 copy, assert equal outputs (and on ``second``) and that the
-    input model is untouched. Returns the fused model (float64)."""
-    model = randomize_batchnorm_(model, seed).double().eval()
-    inputs = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in as_inputs(x))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fused = fxfuse.reparametrize(model, inputs, **kwargs)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), f"input model changed: {k}"
-    with torch.no_grad():
-        assert max_rel_error(fused(*inputs), model(*inputs)) <= rtol
-        if second is not None:
-            second = tuple(t.double() for t in as_inputs(second))
-            assert max_rel_error(fused(*second), model(*second)) <= rtol
-    return fused
+                   **kwargs: Any) -> fx.GraphModule:
+    """``assert_reparametrizes`` without structure expectations (the caller asserts what was fused): randomize a
+    copy's BN statistics (``seed``), reparametrize it in float64, assert equal outputs on ``x``, on another batch
+    and on ``second`` (another input, e.g. another spatial size), the copy untouched and ``report.rolled_back``
+    empty. ``kwargs`` go to ``assert_reparametrizes`` / ``reparametrize`` (``rules=``, ``enable=``, ``expect_*`` …).
+    Returns the fused model (float64)."""
+    kwargs.setdefault("expect_batch_norms", None)
+    extra = () if second is None else (second,)
+    return assert_reparametrizes(model, x, seed=seed, rtol=rtol, extra_inputs=extra, **kwargs)
 
 
 def stats(gm: fx.GraphModule) -> GraphStats:
@@ -60,11 +45,63 @@ def reasons(gm: nn.Module) -> str:
     return " | ".join(u.reason for u in gm.fxfuse_report.unfused)
 
 
+def assert_skipped(gm: nn.Module, rule: str, *fragments: str) -> None:
+    """A negative outcome: ``rule`` did not fire, reported a skip whose reason contains every fragment, and no
+    rewrite was rolled back (a wrong rewrite undone by verification is a failure, not a skip)."""
+    report = gm.fxfuse_report
+    assert not report.rolled_back, f"verification rolled back {report.rolled_back}:\n{report}"
+    assert report.fused.get(rule, 0) == 0, f"{rule} fired:\n{report}"
+    hits = [u for u in report.unfused if u.rule == rule and all(f in u.reason for f in fragments)]
+    assert hits, f"expected a {rule} skip mentioning {fragments}:\n{report}"
+
+
+def assert_not_fired(gm: nn.Module, rule: str) -> None:
+    """A negative outcome for a candidate ``rule`` does not even recognize (so it reports no reason): the rule did
+    not fire, nothing was rolled back, and the rule left no skip entry that would mean it matched."""
+    report = gm.fxfuse_report
+    assert not report.rolled_back, f"verification rolled back {report.rolled_back}:\n{report}"
+    assert report.fused.get(rule, 0) == 0, f"{rule} fired:\n{report}"
+    assert not [u for u in report.unfused if u.rule == rule], f"unexpected {rule} skip:\n{report}"
+
+
+def break_rule(monkeypatch: pytest.MonkeyPatch, rule: str) -> None:
+    """Make every conv / linear layer that ``rule`` builds wrong by adding 1 to its bias, as a wrong fold would
+    (the other rules are left intact)."""
+    conv_module, insert_linear = RewriteContext.conv_module, RewriteContext.insert_linear
+
+    def bad_conv_module(self: RewriteContext, spec: Any, like: Any) -> nn.Module:
+        return conv_module(self, spec.with_(bias=spec.bias + 1) if self.rule == rule else spec, like)
+
+    def bad_insert_linear(self: RewriteContext, weight: torch.Tensor, bias: torch.Tensor, *args: Any,
+                          **kwargs: Any) -> fx.Node:
+        return insert_linear(self, weight, bias + 1 if self.rule == rule else bias, *args, **kwargs)
+
+    monkeypatch.setattr(RewriteContext, "conv_module", bad_conv_module)
+    monkeypatch.setattr(RewriteContext, "insert_linear", bad_insert_linear)
+
+
+def assert_wrong_rewrite_caught(monkeypatch: pytest.MonkeyPatch, rule: str, model: nn.Module, x: Any,
+                                **kwargs: Any) -> fx.GraphModule:
+    """The error case of a rule test: with ``rule`` broken (:func:`break_rule`), verification rolls back every
+    rewrite it made and reports each as unfused, the result is still equal, and :func:`fuse_and_check` fails."""
+    break_rule(monkeypatch, rule)
+    fused = fuse_and_check(model, x, allow_rollback=True, **kwargs)
+    report = fused.fxfuse_report
+    assert report.rolled_back and all(k.startswith(f"{rule}:") for k in report.rolled_back), report
+    assert report.fused.get(rule, 0) == 0, report
+    said = {u.node for u in report.unfused if u.rule == rule and "rolled back" in u.reason}
+    assert {k.split(":", 1)[1] for k in report.rolled_back} <= said, report
+    with pytest.raises(AssertionError, match="rolled back"):
+        fuse_and_check(model, x, **kwargs)
+    return fused
+
+
 # (convs, batch_norms, adds) the fused versions of the two "realistic" models keep.
 EXPECTED = {"repvgg-tiny": (8, 0, 0), "resnet18": (20, 0, 8)}
 
 
-def make(name: str = "repvgg-tiny", dtype: torch.dtype = torch.float64, seed: int = 0) -> Tuple[nn.Module, torch.Tensor]:
+def make(name: str = "repvgg-tiny", dtype: torch.dtype = torch.float64, seed: int = 0,
+         ) -> Tuple[nn.Module, torch.Tensor]:
     """The reference RepVGG (``repvgg-tiny``, 2x3x32x32) or torchvision resnet18 (1x3x64x64), BN randomized."""
     from fxfuse.models import build
 
@@ -76,3 +113,4 @@ def make(name: str = "repvgg-tiny", dtype: torch.dtype = torch.float64, seed: in
     randomize_batchnorm_(model, seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
     return model.eval().to(dtype), x
+

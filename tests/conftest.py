@@ -4,6 +4,8 @@ Profiles (select with HYPOTHESIS_PROFILE): ``ci`` (default: derandomized, bounde
 ``fuzz`` (thousands of examples; used by ``make fuzz``)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,11 @@ settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=T
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The repository root, so tests import the benchmark harnesses as modules (``from benchmarks import zoo``).
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 def pytest_addoption(parser):

@@ -9,12 +9,15 @@ import io
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fxfuse.tools import cli
-from fxfuse.tools.bench import CSV_COLUMNS, BenchConfig, count_flops, default_batch_sizes, run_bench
+from fxfuse.tools.bench import (CSV_COLUMNS, BenchConfig, Progress, count_flops, default_batch_sizes,
+                                interleaved_rounds, make_timer, run_bench)
+from fxfuse.tools.bench.timing import per_call_times
 
 FAST = ["--min-run-time", "0.01", "--rounds", "2", "--warmup", "1", "--no-progress"]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -234,3 +237,96 @@ def test_unknown_timer_rejected():
 def test_cpu_timer_rejected_on_cuda_device():
     with pytest.raises(ValueError, match="only meaningful with --device cpu"):
         run_bench(BenchConfig(models=["repvgg-tiny"], device="cuda", timer="cpu", progress=False))
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_line_per_step_when_not_a_terminal():
+    """A pipe or file gets ``[k/N] what`` lines (no carriage returns); a terminal gets the redrawn tqdm bar."""
+    stream = io.StringIO()
+    progress = Progress(3, True, stream)
+    progress.note("building")
+    for i in range(3):
+        progress.step(f"step {i}")
+    progress.close()
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == ["building", "[   1/3] step 0", "[   2/3] step 1", "[   3/3] step 2"]
+    if importlib.util.find_spec("tqdm") is not None:
+        tty = _FakeTTY()
+        bar = Progress(3, True, tty)
+        for i in range(3):
+            bar.step(f"step {i}")
+        bar.close()
+        assert "\r" in tty.getvalue() and "[   1/3]" not in tty.getvalue()
+    silent = io.StringIO()
+    Progress(3, False, silent).step("x")
+    assert silent.getvalue() == ""
+
+
+def test_cli_progress_lines_on_a_pipe():
+    """``fxfuse bench`` with progress on and stderr not a terminal: one line per variant and round."""
+    code, out, err = _run(["bench", "repvgg-tiny", "--image-size", "32", "--batch-sizes", "1", "--device", "cpu",
+                           "--variants", "original,fxfuse", "--min-run-time", "0.01", "--rounds", "2",
+                           "--warmup", "0"])
+    assert code == 0, err
+    steps = [line for line in err.splitlines() if line.startswith("[")]
+    assert "\r" not in err
+    assert steps == ["[   1/4] repvgg-tiny bs=1 original round 1/2", "[   2/4] repvgg-tiny bs=1 fxfuse round 1/2",
+                     "[   3/4] repvgg-tiny bs=1 fxfuse round 2/2", "[   4/4] repvgg-tiny bs=1 original round 2/2"]
+
+
+class _FakeTimer:
+    """Records when it is asked to measure; returns a stand-in Measurement."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def blocked_autorange(self, min_run_time):
+        self.log.append((self.name, min_run_time))
+        return SimpleNamespace(times=[0.5, 0.25], raw_times=[1.0, 0.5], number_per_run=2, median=0.375)
+
+
+def test_interleaved_rounds_rotate_the_order():
+    log = []
+    timers = {n: _FakeTimer(n, log) for n in ("a", "b", "c")}
+    turns = []
+    out = interleaved_rounds(timers, 4, 0.125, on_turn=lambda name, r: turns.append((name, r)))
+    assert [n for n, _ in log] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert all(t == 0.125 for _, t in log)
+    assert turns == [(n, i // 3) for i, (n, _) in enumerate(log)]
+    assert {n: len(ms) for n, ms in out.items()} == {"a": 4, "b": 4, "c": 4}
+    times, calls = per_call_times(out["a"])
+    assert times == [0.5, 0.25] * 4 and calls == 2 * 2 * 4
+
+
+def test_make_timer_measures_the_call():
+    """The public ``Timer`` wrapper runs ``fn(*args)``: calls are counted, time per call is positive."""
+    seen = []
+    timer = make_timer(lambda t: seen.append(t), (7,), threads=1)
+    m = timer.blocked_autorange(min_run_time=0.01)
+    assert seen and set(seen) == {7}
+    assert len(seen) >= m.number_per_run * len(m.raw_times) and m.median > 0
+
+
+def test_output_error_is_measured(monkeypatch):
+    """A variant whose output is off by a factor 1 + 1e-3 is reported with max rel err 1e-3 (the comparison is
+    fxfuse.verify.compare, in float64, against the original)."""
+    import fxfuse
+
+    real = fxfuse.reparametrize
+
+    def off_by_1e3(model, x, **kw):
+        fused = real(model, x, **kw)
+        fused.register_forward_hook(lambda mod, args, out: out * (1 + 1e-3))
+        return fused
+
+    monkeypatch.setattr(fxfuse, "reparametrize", off_by_1e3)
+    cfg = BenchConfig(models=["repvgg-tiny"], batch_sizes=[1], image_size=16, device="cpu",
+                      variants=["fxfuse"], min_run_time=0.01, rounds=1, warmup=0, progress=False)
+    row = run_bench(cfg).rows[1]
+    assert row["variant"] == "fxfuse"
+    # float32 run: the fold itself differs by ~3e-7 relative, far below the injected 1e-3
+    assert math.isclose(row["max_rel_error"], 1e-3, rel_tol=1e-2)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxfuse.tools import cli
 from fxfuse.models import build, randomize_batchnorm_
+from fxfuse.tools import cli
+from fxfuse.verify import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 3, 32, 32)
@@ -78,8 +79,9 @@ def _assert_one_line_error(code, err, needle):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+def _rel(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max|actual - reference| / max|reference|`` (the one comparison, :func:`fxfuse.verify.compare`)."""
+    return compare(reference, actual).max_rel
 
 
 @pytest.fixture(scope="module")

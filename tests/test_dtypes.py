@@ -6,6 +6,12 @@
   parameter/buffer keeps its dtype and every new fused conv gets the dtype of the conv it replaces.
 * device (CPU here; the ``cuda``-marked tests repeat the checks on a GPU), ``channels_last`` weights and outputs,
   ``requires_grad`` of fused parameters.
+* the returned model was run by the pass in its own dtype (``report.artifact_check``; tests/test_artifact.py checks
+  that check: graph constants, forward caches, float64 on purpose).
+
+Outputs are compared with :func:`fxfuse.testing.assert_close_f64` (``max|out − ref| ≤ rtol · max|ref|`` in float64)
+at tolerances stated here in units of the dtype's ``eps`` — not :func:`fxfuse.verify.default_rtol`, the pass's own
+tolerance, which these tests check rather than use.
 
 Models: the reference RepVGG (``repvgg-tiny`` at 32x32) and torchvision's resnet18 (64x64), random BN statistics.
 """
@@ -13,7 +19,7 @@ Models: the reference RepVGG (``repvgg-tiny`` at 32x32) and torchvision's resnet
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 import pytest
 import torch
@@ -23,6 +29,16 @@ from torch import Tensor, nn
 import fxfuse
 from fxfuse import GraphStats
 from fxfuse.models import build, randomize_batchnorm_
+from fxfuse.testing import assert_close_f64
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small models: one intra-op thread is faster and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # (convs, batch_norms, adds) left after fusion.
 EXPECTED = {"repvgg-tiny": (8, 0, 0), "resnet18": (20, 0, 8)}
@@ -42,12 +58,6 @@ def make(name: str, seed: int = 0, *, features: bool = False) -> Tuple[nn.Module
     randomize_batchnorm_(model, seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 100))
     return model.eval(), x
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """``max|a - b| / max|b|`` in float64."""
-    a64, b64 = a.detach().double(), b.detach().double()
-    return float((a64 - b64).abs().max() / b64.abs().max())
 
 
 def structure(fused: nn.Module) -> Tuple[int, int, int]:
@@ -98,8 +108,9 @@ def check_low_precision(model: nn.Module, x: Tensor, dtype: torch.dtype, expecte
         y64_fused = copy.deepcopy(fused).double()(x.double())
         y64_orig = copy.deepcopy(low).double()(x.double())
     assert y_fused.dtype == y_low.dtype == dtype
-    assert rel_err(y64_fused, y64_orig) <= 2 * eps  # measured <= 0.45 eps
-    assert rel_err(y_fused, y_low) <= 4 * eps  # measured <= 0.9 eps (activations are rounded too)
+    assert_close_f64(y64_orig, y64_fused, rtol=2 * eps)  # measured <= 0.45 eps
+    assert_close_f64(y_low, y_fused, rtol=4 * eps)  # measured <= 0.9 eps (activations are rounded too)
+    assert fused.fxfuse_report.artifact_check.startswith(f"ran in {str(dtype).replace('torch.', '')}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -149,8 +160,9 @@ def test_mixed_dtypes_each_tensor_keeps_its_own() -> None:
         y64 = copy.deepcopy(model).double()(x.double())
         out64 = copy.deepcopy(fused).double()(x.double())
     assert out.dtype == y.dtype == torch.float16
-    assert rel_err(out64, y64) <= 2 * torch.finfo(torch.float16).eps
-    assert rel_err(out, y) <= 4 * torch.finfo(torch.float16).eps
+    assert_close_f64(y64, out64, rtol=2 * torch.finfo(torch.float16).eps)
+    assert_close_f64(y, out, rtol=4 * torch.finfo(torch.float16).eps)
+    assert fused.fxfuse_report.artifact_check.startswith("ran in float16")
 
 
 def test_verify_false_folds_in_float64_too() -> None:
@@ -181,7 +193,7 @@ def check_device(name: str, device: str, dtype: torch.dtype) -> None:
         out = fused(x)
     assert out.device == y.device and out.dtype == y.dtype
     tol = 1e-9 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
-    assert rel_err(out, y) <= tol
+    assert_close_f64(y, out, rtol=tol)
     if dtype != torch.float64:  # fused on `device` in float64, rounded once
         reference = fxfuse.reparametrize(copy.deepcopy(model).double(), x.double())
         want = reference.state_dict()
@@ -225,7 +237,7 @@ def check_channels_last(name: str, device: str, dtype: torch.dtype) -> None:
         out = fused(x)
     assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
     tol = 1e-9 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
-    assert rel_err(out, y) <= tol
+    assert_close_f64(y, out, rtol=tol)
 
 
 @pytest.mark.parametrize("name", ["repvgg-tiny", "resnet18"])

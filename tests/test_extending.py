@@ -14,7 +14,7 @@ import pytest
 import fxfuse
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
-RULE = "linear_sum"
+RULE = "linear_chain"
 
 
 def _blocks(kind: str) -> List[str]:
@@ -24,13 +24,13 @@ def _blocks(kind: str) -> List[str]:
 @pytest.fixture(scope="module")
 def doc() -> Iterator[Dict[str, object]]:
     """The namespace after executing the doc's python blocks; the rule it registers is removed afterwards."""
-    assert all(r.name != RULE for r in fxfuse.registered_rules()), "linear_sum must not be built in"
+    assert all(r.name != RULE for r in fxfuse.registered_rules()), "linear_chain must not be built in"
     namespace: Dict[str, object] = {"__name__": "docs_extending"}
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
             for i, code in enumerate(_blocks("python")):
-                exec(compile(code, f"{DOC}:python-block-{i}", "exec"), namespace)  # noqa: S102
+                exec(compile(code, f"{DOC}:python-block-{i}", "exec"), namespace)
         namespace["__stdout__"] = out.getvalue()
         yield namespace
     finally:
@@ -47,7 +47,7 @@ def test_doc_has_the_pieces() -> None:
 
 def test_rule_is_registered_disabled(doc: Dict[str, object]) -> None:
     rule = next(r for r in fxfuse.registered_rules() if r.name == RULE)
-    assert rule.enabled is False and rule.fn is doc["linear_sum"]
+    assert rule.enabled is False and rule.fn is doc["linear_chain"]
 
 
 def test_printed_report_matches_doc(doc: Dict[str, object]) -> None:

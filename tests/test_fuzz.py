@@ -17,6 +17,7 @@ Also here: verification with bisecting rollback of a deliberately wrong user rul
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -43,6 +44,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # examples per property test, by profile: ci stays within ~2 minutes on the 2-core CI machine
 N_NETS = {"ci": 400, "dev": 500, "fuzz": 6000}.get(PROFILE, 400)
 N_ROLLBACK_NETS = {"ci": 40, "dev": 60, "fuzz": 500}.get(PROFILE, 40)
+N_DTYPE_NETS = {"ci": 30, "dev": 60, "fuzz": 600}.get(PROFILE, 30)
 
 
 STATS: Counter = Counter()  # what the random nets exercised; written to $FXFUSE_FUZZ_STATS (JSON) if set
@@ -553,7 +555,7 @@ class _Builder:
         keep_input = not self.first and d(st.integers(0, 4)) == 0
         spellings, alphas = [], []
         aliased = 0 in keep or picked[0] == "identity"  # the running sum is a tensor also read elsewhere
-        for i in range(1, n):
+        for _i in range(1, n):
             options = list(_SPELLINGS)
             if aliased and picked[0] == "identity" and self.first:
                 options = [o for o in options if o not in ("iadd", "method_iadd")]  # never mutate the net's input
@@ -769,6 +771,52 @@ def test_random_nets_reparametrize_exactly(case: Case) -> None:
         assert "traced graph itself differs" in report.submodules["<root>"], report.submodules
 
 
+def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> None:
+    """Issue 13, on random nets cast to float32 / bfloat16: the returned model ran in that dtype
+    (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
+    constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
+    outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that
+    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 4·eps·max(max|ref|, 1)`` (the floor: outputs that are 0 up to
+    rounding)."""
+    from _reachable import floating_dtypes, wrong_dtypes
+
+    net, x = copy.deepcopy(case.net).to(dtype), case.input.to(dtype)
+    with torch.no_grad():
+        own = net(x)
+        ref = copy.deepcopy(case.net).double()(case.input.double())
+    fused = fxfuse.reparametrize(net, x, verify=case.verify, enable=["horizontal"] if case.horizontal else [],
+                                 capture=capture)
+    report = fused.fxfuse_report
+    name = str(dtype).replace("torch.", "")
+    assert report.artifact_check is not None and report.artifact_check.startswith(f"ran in {name}"), report
+    assert wrong_dtypes(fused, floating_dtypes(net), dtype) == {}, report
+    with torch.no_grad():
+        out = fused(x)
+    eps = torch.finfo(dtype).eps
+    outs, owns, refs = (o if isinstance(o, tuple) else (o,) for o in (out, own, ref))
+    assert len(outs) == len(owns) == len(refs)
+    for i, (o, w, r) in enumerate(zip(outs, owns, refs)):
+        assert o.dtype == w.dtype == dtype, (i, o.dtype, w.dtype)
+        err_fused, err_own = (float((t.double() - r).abs().max()) for t in (o, w))
+        floor = 4 * eps * max(float(r.abs().max()), 1.0)
+        assert err_fused <= 2 * err_own + floor, (i, err_fused, err_own, floor, str(report))
+
+
+@settings(max_examples=N_DTYPE_NETS, suppress_health_check=list(HealthCheck))
+@given(random_nets(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_random_nets_run_in_their_own_dtype(case: Case, dtype: torch.dtype) -> None:
+    """Symbolic capture (and its sub-module fallback): ~0.2 s a net."""
+    check_runs_in_own_dtype(case, dtype, "symbolic")
+
+
+@pytest.mark.slow
+@settings(max_examples=10 * N_DTYPE_NETS, suppress_health_check=list(HealthCheck))
+@given(random_nets(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_random_nets_run_in_their_own_dtype_any_capture(case: Case, dtype: torch.dtype) -> None:
+    """The default ``capture="auto"`` (export tried where symbolic tracing leaves work: seconds a net)."""
+    check_runs_in_own_dtype(case, dtype, "auto")
+
+
 # ---------------------------------------------------------------------------- rollback of bad rules
 EPS_BLIND = "eps_blind_conv_bn"
 
@@ -977,7 +1025,7 @@ class _SideEffectNet(nn.Module):
 def test_fallback_undoes_submodule_rewrite_with_side_effects() -> None:
     """Found by the fuzzer: reparametrize raised FusionError although the unchanged model is an equal one."""
     fused = assert_reparametrizes(_SideEffectNet(), torch.randn(2, 2, 5, 5), expect_batch_norms=2,
-                                  expect_fused={"conv_bn": 1})
+                                  expect_fused={"conv_bn": 1}, capture="symbolic")  # export fuses it whole
     report = fused.fxfuse_report
     assert not report.traced_whole and report.submodules["body"].startswith("rewrite undone")
     assert report.submodules["head"].startswith("rewritten")

@@ -1,5 +1,7 @@
-"""The fold math on its own (fxfuse.ir.folds): each identity checked against PyTorch's conv ops in float64."""
+"""The fold math on its own (fxfuse.ir.folds): each identity checked against PyTorch's conv ops in float64
+(``max|Δ| ≤ 1e-10 · max|y|``), and each ``why_not_*`` exactness condition refusing what is not exact."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from fxfuse.ir import folds as K
 from fxfuse.ir import ChannelAffine, ConvSpec
+from fxfuse.testing import assert_close_f64
 
 f64 = dict(dtype=torch.float64)
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -33,7 +36,7 @@ def test_regroup_is_the_same_conv(spec, data):
     divisors = [d for d in range(1, spec.groups + 1) if spec.groups % d == 0]
     target = data.draw(st.sampled_from(divisors))
     x = torch.randn(2, spec.in_channels, *([7] * spec.ndim), **f64)
-    torch.testing.assert_close(run(K.regroup(spec, target), x), run(spec, x), rtol=1e-12, atol=1e-12)
+    assert_close_f64(run(spec, x), run(K.regroup(spec, target), x))
 
 
 def test_identity_kernel_for_groups():
@@ -52,7 +55,7 @@ def test_batchnorm_affine_matches_f_batch_norm(c, eps):
     x = torch.randn(3, c, 4, **f64)
     aff = K.batchnorm_as_affine(mean, var, w, b, eps)
     y = aff.scale[None, :, None] * x + aff.shift[None, :, None]
-    torch.testing.assert_close(y, F.batch_norm(x, mean, var, w, b, False, 0.0, eps), rtol=1e-12, atol=1e-12)
+    assert_close_f64(F.batch_norm(x, mean, var, w, b, False, 0.0, eps), y)
 
 
 @given(specs(ndim=2, stride=(1, 1)), specs(ndim=2), st.booleans())
@@ -66,8 +69,7 @@ def test_compose_equals_sequential(first, second, zero_pad_second):
     x = torch.randn(2, 3, 9, 9, **f64)
     reason = K.why_not_composable(first, second)
     if reason is None:
-        torch.testing.assert_close(run(K.compose(first, second), x), run(second, run(first, x)),
-                                   rtol=1e-11, atol=1e-11)
+        assert_close_f64(run(second, run(first, x)), run(K.compose(first, second), x))
     else:
         assert any(second.padding)
 
@@ -86,8 +88,7 @@ def test_sum_parallel_equals_sum(data):
                                  (d * (k - 1) // 2,) * 2, (d, d), gb))
     assert K.why_not_on_one_grid(branches) is None
     x = torch.randn(2, cin, 9, 9, **f64)
-    torch.testing.assert_close(run(K.sum_parallel(branches), x), sum(run(b, x) for b in branches),
-                               rtol=1e-11, atol=1e-11)
+    assert_close_f64(sum(run(b, x) for b in branches), run(K.sum_parallel(branches), x))
 
 
 def test_misaligned_centres_are_refused():
@@ -105,7 +106,7 @@ def test_conv_transpose_affine_group_mapping():
     x = torch.randn(1, cin, 4, 4, **f64)
     y = F.conv_transpose2d(x, w, b, 2, 1, 1, g)
     expected = aff.scale[None, :, None, None] * y + aff.shift[None, :, None, None]
-    torch.testing.assert_close(F.conv_transpose2d(x, fused.weight, fused.bias, 2, 1, 1, g), expected)
+    assert_close_f64(expected, F.conv_transpose2d(x, fused.weight, fused.bias, 2, 1, 1, g))
 
 
 def test_affine_then_conv_grouped():
@@ -114,12 +115,131 @@ def test_affine_then_conv_grouped():
     aff = ChannelAffine(torch.randn(6, **f64), torch.randn(6, **f64))
     x = torch.randn(1, 6, 5, 5, **f64)
     fused = K.affine_then_conv(aff, spec)
-    torch.testing.assert_close(run(fused, x), run(spec, aff.scale[None, :, None, None] * x
-                                                   + aff.shift[None, :, None, None]))
+    assert_close_f64(run(spec, aff.scale[None, :, None, None] * x + aff.shift[None, :, None, None]), run(fused, x))
 
 
 def test_stack_parallel_equals_cat():
     a = ConvSpec(torch.randn(2, 3, 1, 1, **f64), torch.randn(2, **f64), (1, 1), (0, 0), (1, 1), 1)
     b = ConvSpec(torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (1, 1), (1, 1), 1)
     x = torch.randn(1, 3, 6, 6, **f64)
-    torch.testing.assert_close(run(K.stack_parallel([a, b]), x), torch.cat([run(a, x), run(b, x)], 1))
+    assert_close_f64(torch.cat([run(a, x), run(b, x)], 1), run(K.stack_parallel([a, b]), x))
+
+
+def _affine(c: int, zero_shift: bool = False) -> ChannelAffine:
+    shift = torch.zeros(c, **f64) if zero_shift else torch.randn(c, **f64)
+    return ChannelAffine(torch.randn(c, **f64), shift)
+
+
+def _apply(aff: ChannelAffine, y, axis: int = 1):
+    shape = [1] * y.dim()
+    shape[axis] = -1
+    return aff.scale.reshape(shape) * y + aff.shift.reshape(shape)
+
+
+@given(specs())
+def test_conv_then_affine_is_the_affine_of_the_conv(spec):
+    aff = _affine(spec.out_channels)
+    x = torch.randn(2, spec.in_channels, *([6] * spec.ndim), **f64)
+    assert_close_f64(_apply(aff, run(spec, x)), run(K.conv_then_affine(spec, aff), x))
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2))
+def test_conv_transpose_then_affine_any_groups(g, in_pg, out_pg, stride):
+    w, b = torch.randn(g * in_pg, out_pg, 3, **f64), torch.randn(g * out_pg, **f64)
+    spec = ConvSpec(w, b, (stride,), (1,), (1,), g, transposed=True, output_padding=(stride - 1,))
+    aff = _affine(g * out_pg)
+    x = torch.randn(2, g * in_pg, 5, **f64)
+    fused = K.conv_then_affine(spec, aff)
+    want = _apply(aff, F.conv_transpose1d(x, w, b, stride, 1, stride - 1, g))
+    assert_close_f64(want, F.conv_transpose1d(x, fused.weight, fused.bias, stride, 1, stride - 1, g))
+
+
+@given(specs(), st.booleans())
+def test_affine_then_conv_where_exact(spec, padded):
+    """Exact without zero padding; with zero padding only for a zero shift (then ``why_not`` says None too)."""
+    if not padded:
+        spec = spec.with_(padding=(0,) * spec.ndim)
+    aff = _affine(spec.in_channels, zero_shift=padded)
+    assert K.why_not_affine_then_conv(aff, spec) is None
+    x = torch.randn(2, spec.in_channels, *([7] * spec.ndim), **f64)
+    assert_close_f64(run(spec, _apply(aff, x)), run(K.affine_then_conv(aff, spec), x))
+
+
+def test_affine_then_conv_refusals():
+    spec = ConvSpec(torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (1, 1), (1, 1), 1)
+    assert "nonzero shift" in K.why_not_affine_then_conv(_affine(3), spec)
+    assert K.why_not_affine_then_conv(_affine(3, zero_shift=True), spec) is None
+    assert K.why_not_affine_then_conv(_affine(3), spec.with_(padding=(0, 0))) is None
+    assert "padding_mode" in K.why_not_affine_then_conv(_affine(3, zero_shift=True),
+                                                        spec.with_(padding_mode="reflect"))
+    transposed = ConvSpec(torch.randn(3, 4, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (0, 0), (1, 1), 1,
+                          transposed=True, output_padding=(0, 0))
+    assert "transposed" in K.why_not_affine_then_conv(_affine(3), transposed)
+
+
+def test_linear_folds():
+    w, b = torch.randn(5, 4, **f64), torch.randn(5, **f64)
+    x = torch.randn(3, 2, 4, **f64)
+    after, before = _affine(5), _affine(4)
+    w1, b1 = K.linear_then_affine(w, b, after)
+    assert_close_f64(_apply(after, F.linear(x, w, b), axis=-1), F.linear(x, w1, b1))
+    w2, b2 = K.affine_then_linear(before, w, b)
+    assert_close_f64(F.linear(_apply(before, x, axis=-1), w, b), F.linear(x, w2, b2))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_affine_eps_and_no_affine(affine):
+    c, eps = 3, 0.3  # a large eps: placing it anywhere but under the square root is visible
+    mean, var = torch.randn(c, **f64), torch.rand(c, **f64) + 0.1
+    w, b = (torch.randn(c, **f64), torch.randn(c, **f64)) if affine else (None, None)
+    aff = K.batchnorm_as_affine(mean, var, w, b, eps)
+    x = torch.randn(2, c, 3, **f64)
+    assert_close_f64(F.batch_norm(x, mean, var, w, b, False, 0.0, eps), _apply(aff, x))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1))])
+def test_avg_pool_as_conv(kernel, stride, padding):
+    x = torch.randn(2, 3, 7, 6, **f64)
+    spec = K.avg_pool_as_conv(3, kernel, stride, padding)
+    assert_close_f64(F.avg_pool2d(x, kernel, stride, padding, count_include_pad=True), run(spec, x))
+
+
+def test_identity_and_scale_as_conv():
+    x = torch.randn(2, 4, 5, 5, **f64)
+    assert_close_f64(x, run(K.identity_as_conv(4, 2), x), rtol=0.0)
+    spec = ConvSpec(torch.randn(3, 4, 3, 3, **f64), torch.randn(3, **f64), (1, 1), (1, 1), (1, 1), 1)
+    assert_close_f64(-2.5 * run(spec, x), run(K.scale_conv(spec, -2.5), x))
+
+
+def test_one_grid_refusals():
+    base = ConvSpec(torch.randn(2, 2, 3, 3, **f64), torch.zeros(2, **f64), (1, 1), (1, 1), (1, 1), 1)
+    pointwise = ConvSpec(torch.randn(2, 2, 1, 1, **f64), torch.zeros(2, **f64), (1, 1), (0, 0), (1, 1), 1)
+    assert K.why_not_on_one_grid([base, pointwise]) is None
+    assert "stride" in K.why_not_on_one_grid([base, pointwise.with_(stride=(2, 2))])
+    assert "padding_mode" in K.why_not_on_one_grid([base, base.with_(padding_mode="reflect")])
+    assert "align" in K.why_not_on_one_grid([base, pointwise.with_(padding=(1, 1))])
+    transposed = base.with_(transposed=True, output_padding=(0, 0))
+    assert "transposed" in K.why_not_on_one_grid([base, transposed])
+
+
+def test_composable_conditions():
+    def conv(k, stride=1, padding=0, dilation=1, bias=True):
+        b = torch.randn(2, **f64) if bias else torch.zeros(2, **f64)
+        return ConvSpec(torch.randn(2, 2, k, k, **f64), b, (stride,) * 2, (padding,) * 2, (dilation,) * 2, 1)
+
+    assert K.why_not_composable(conv(3, padding=1), conv(3)) is None
+    assert K.why_not_composable(conv(1, bias=False), conv(3, padding=1)) is None
+    assert "stride" in K.why_not_composable(conv(1, stride=2), conv(3))
+    assert "dilation" in K.why_not_composable(conv(3, dilation=2), conv(3))
+    assert "dilation" in K.why_not_composable(conv(1), conv(3, dilation=2))
+    assert "non-pointwise" in K.why_not_composable(conv(3), conv(3, padding=1))
+    assert "nonzero bias" in K.why_not_composable(conv(1), conv(3, padding=1))
+
+
+def test_place_on_grid_centres_a_small_kernel():
+    """A 1x1 branch on a 3x3 grid (padding 1) lands on the centre tap."""
+    spec = ConvSpec(torch.randn(2, 2, 1, 1, **f64), torch.zeros(2, **f64), (1, 1), (0, 0), (1, 1), 1)
+    out = K.place_on_grid(spec, (1, 1), (1, 1), (3, 3))
+    expected = torch.zeros(2, 2, 3, 3, **f64)
+    expected[:, :, 1, 1] = spec.weight[:, :, 0, 0]
+    assert torch.equal(out, expected)

@@ -27,6 +27,7 @@ from fxfuse.models import (
     randomize_batchnorm_,
     reparam_blocks,
 )
+from fxfuse.testing import assert_close_f64
 
 SMALL = ["acnet", "dbb", "mobileone", "bn-after-sum"]
 FULL_REPVGG = ["A0", "A1", "A2", "B0", "B1", "B1g2", "B1g4", "B2", "B2g2", "B2g4", "B3", "B3g2", "B3g4"]
@@ -270,7 +271,7 @@ def _as_conv(block: nn.Module, spec: dict[str, Any]) -> tuple[torch.Tensor, torc
     base = block(torch.zeros(1, cin, size, size, dtype=torch.float64))
     bias = base[0, :, oh, ow]
     # A conv maps zero to its bias everywhere, borders included.
-    torch.testing.assert_close(base, bias.view(1, -1, 1, 1).expand_as(base), rtol=0, atol=1e-12)
+    assert_close_f64(bias.view(1, -1, 1, 1).expand_as(base), base, rtol=0.0, atol=1e-12)
     probes = torch.zeros(cin, kh, kw, cin, size, size, dtype=torch.float64)
     for c in range(cin):
         for i in range(kh):
@@ -297,7 +298,7 @@ def _check_is_conv(block: nn.Module) -> None:
         want = F.conv2d(x, weight, bias, spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
         got = pre(x)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+    assert_close_f64(want, got, rtol=1e-10)
     assert weight.abs().max() > 1e-3  # the probe saw a real kernel
 
 

@@ -242,17 +242,37 @@ def test_second_batch_catches_batch_dependent_fold(scratch_rules: List[str]) -> 
     with pytest.raises(AssertionError, match="other batch"):
         assert_reparametrizes(SumOverBatch(), x, expect_convs=1, expect_batch_norms=None,
                               enable=["sum_as_scaled_mean"])
+    with pytest.raises(AssertionError, match=r"input 1 \(extra input\)"):  # extra inputs are compared too
+        assert_reparametrizes(SumOverBatch(), x, expect_convs=1, expect_batch_norms=None,
+                              enable=["sum_as_scaled_mean"], second_batch=False,
+                              extra_inputs=[torch.randn(3, 2, 5, 5)])
 
 
 def test_assert_close_f64() -> None:
+    """It is :func:`fxfuse.verify.compare` with a test tolerance: relative to ``max|ref|``, NaN only where the
+    reference has NaN, structure and non-tensor leaves equal."""
     r = torch.tensor([1.0, -2.0], dtype=torch.float64)
     assert assert_close_f64(r, r + 1e-12) <= 1e-10
     with pytest.raises(AssertionError, match="max abs error"):
         assert_close_f64(r, r + 1e-6)
+    assert_close_f64(r, r + 1e-6, rtol=1e-6)  # 1e-6 ≤ 1e-6 · max|r| = 2e-6
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_f64(torch.zeros(2, dtype=torch.float64), torch.full((2,), 1e-300, dtype=torch.float64))
+    assert_close_f64(torch.zeros(2), torch.full((2,), 1e-7), atol=1e-6)
     with pytest.raises(AssertionError, match="structure"):
         assert_close_f64((r, r), r)
-    with pytest.raises(AssertionError, match="NaN"):
-        assert_close_f64(r, torch.tensor([float("nan"), -2.0], dtype=torch.float64))
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close_f64(r, r[:1])
+    with pytest.raises(AssertionError, match="'a' != 'b'"):
+        assert_close_f64((r, "b"), (r, "a"))
+    nan = torch.tensor([float("nan"), -2.0], dtype=torch.float64)
+    with pytest.raises(AssertionError, match="max abs error inf"):
+        assert_close_f64(r, nan)  # NaN where the reference has none
+    with pytest.raises(AssertionError, match="max abs error inf"):
+        assert_close_f64(nan, r)  # a NaN that disappeared
+    assert assert_close_f64(nan, nan.clone()) == 0.0
+    with pytest.raises(AssertionError, match="integer values differ"):
+        assert_close_f64(torch.arange(3), torch.arange(3) + 1)
 
 
 def test_checker_rejects_inplace() -> None:

@@ -1,8 +1,6 @@
 """Whole networks: every reference net reaches the structural optimum (one conv per deploy conv, no BN, no pool,
 no add inside blocks) and equals the original in float64; torchvision models lose every conv-following BN."""
 
-import copy
-
 import pytest
 import torch
 import torchvision
@@ -10,6 +8,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse import models
+from fxfuse.testing import assert_close_f64
 from _helpers import fuse_and_check, stats
 
 SMALL = {"repvgg-A0": (2, 3, 64, 64), "repvgg-B1g2": (1, 3, 64, 64), "repvgg-article": (2, 3, 64, 64),
@@ -54,5 +53,7 @@ def test_float32_result_equals_original_within_float32_rounding():
     x = torch.randn(2, 3, 32, 32)
     fused = fxfuse.reparametrize(model, x)
     assert all(p.dtype == torch.float32 for p in fused.parameters())
-    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
-    assert fused.fxfuse_report.verify_dtype == "float64" and fused.fxfuse_report.max_rel_error < 1e-12
+    with torch.no_grad():
+        assert_close_f64(model(x), fused(x), rtol=1e-5)  # float32 rounding of a 8-conv net: ~1e-6
+    report = fused.fxfuse_report
+    assert report.verify_dtype == "float64" and report.max_rel_error < 1e-12 and not report.rolled_back

@@ -1,4 +1,4 @@
-"""``reparametrize`` on the torchvision model zoo (harness: ``benchmarks/zoo.py``).
+"""``reparametrize`` on the torchvision model zoo (harness: the ``benchmarks.zoo`` package).
 
 Each model is built with ``weights=None``, BN statistics randomized, eval mode, float64 (RAFT: float32, its
 rewritten sub-modules checked in float64). The default run covers a representative subset (small inputs); the full
@@ -14,27 +14,14 @@ rewritten sub-modules checked in float64). The default run covers a representati
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_zoo():
-    spec = importlib.util.spec_from_file_location("fxfuse_zoo_harness", ROOT / "benchmarks" / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _load_zoo()
+from benchmarks import zoo
+from fxfuse.models import randomize_batchnorm_
 
 DEFAULT = [
     "resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "googlenet", "densenet121",
@@ -103,7 +90,7 @@ def test_fallback_report_and_untouched_input() -> None:
     original classes, the report names both, and the input model is not modified."""
     case = zoo.zoo_case("fasterrcnn_mobilenet_v3_large_320_fpn")
     model = case.build().double()
-    x = zoo._double(case.inputs(1))
+    x = zoo.cast_floats(case.inputs(1), torch.float64)
     before = zoo.state_fingerprint(model)
     fused = __import__("fxfuse").reparametrize(model, x)
     report = fused.fxfuse_report
@@ -123,7 +110,7 @@ def test_fallback_report_and_untouched_input() -> None:
 def test_harness_catches_an_unfolded_bn_and_a_wrong_output() -> None:
     """The checkers can fail: a conv -> BN left in a graph is reported; a changed output is measured."""
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
-    zoo.randomize_batchnorm_(net)
+    randomize_batchnorm_(net)
     gm = torch.fx.symbolic_trace(net.eval())
     assert zoo.unfused_conv_bn(gm) == ["<root>:_0->_1"]
     x = torch.randn(2, 3, 8, 8)
@@ -136,6 +123,78 @@ def test_harness_catches_an_unfolded_bn_and_a_wrong_output() -> None:
         v = net[1].running_var
         v[0] = torch.nextafter(v[0], v[0] + 1)
     assert zoo.state_fingerprint(net) != before
+
+
+class _ConvBNReshape(torch.nn.Module):
+    """conv -> BN whose conv output is also the *template* of ``reshape_as`` (reads only its shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y).reshape_as(y)
+
+
+def test_harness_uses_the_pass_metadata_rule() -> None:
+    """A shape-only use of the conv output (template of ``reshape_as``) does not block the fold: the harness
+    flags the pair exactly as :func:`fxfuse.ir.ops.is_metadata_user` says, and the pass folds it."""
+    net = randomize_batchnorm_(_ConvBNReshape()).eval()
+    gm = torch.fx.symbolic_trace(net)
+    assert zoo.unfused_conv_bn(gm) == ["<root>:conv->bn"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fused = __import__("fxfuse").reparametrize(net.double(), x)
+    assert zoo.unfused_conv_bn(fused) == [] and fused.fxfuse_report.fused.get("conv_bn") == 1
+
+
+def test_op_counter_counts_modules_and_functions() -> None:
+    """Run-time counts cover module calls and functional calls (classified by fxfuse.ir.ops.function_kind)."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.w = torch.nn.Parameter(torch.randn(4, 4, 1, 1))
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            y = torch.nn.functional.conv2d(y, self.w)
+            y = torch.nn.functional.conv_transpose2d(y, self.w)
+            return torch.nn.functional.batch_norm(y, torch.zeros(4), torch.ones(4))
+
+    out, convs, bns = zoo.run_counted(Mixed().eval(), (torch.randn(1, 3, 5, 5),))
+    assert (convs, bns) == (3, 2) and out.shape == (1, 4, 5, 5)
+
+
+def test_max_rel_error_flags_a_dtype_change() -> None:
+    y = torch.randn(3, dtype=torch.float64)
+    assert zoo.max_rel_error(y, y.clone()) == 0.0
+    assert zoo.max_rel_error(y, y.float().double()) > 0
+    assert zoo.max_rel_error(y, y.float()) == math.inf
+    assert zoo.max_rel_error([y, torch.arange(3)], [y, torch.arange(3) + 1]) == math.inf  # integer outputs
+
+
+def test_cast_floats_keeps_structure_and_integers() -> None:
+    args = ([torch.ones(2), torch.arange(2)], {"a": torch.zeros(1)}, 3)
+    out = zoo.cast_floats(args, torch.float64)
+    assert out[0][0].dtype == torch.float64 and out[0][1].dtype == torch.int64
+    assert out[1]["a"].dtype == torch.float64 and out[2] == 3 and isinstance(out[0], list)
+
+
+def test_zoo_runs_as_a_module() -> None:
+    """``python -m benchmarks.zoo`` (what ``make zoo`` runs) parses its options."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.zoo", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--models" in proc.stdout and "--pass-speed" in proc.stdout
 
 
 SLOW = [n for n in zoo.all_models() if n not in DEFAULT]

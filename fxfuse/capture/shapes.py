@@ -3,12 +3,14 @@ run on the ``meta`` device."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .submodules import Call
 
@@ -54,19 +56,24 @@ def propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
     the weights); falls back to a real run where an op has no meta kernel."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = list(call.args)
+    if getattr(gm.graph._codegen, "pytree_info", None) is not None:
+        # A torch.export graph (fxfuse.capture.export): its placeholders are the flattened (args, kwargs) leaves.
+        values = tree_leaves((tuple(call.args), dict(call.kwargs)))
     for p in placeholders[len(values):]:
         values.append(call.kwargs.get(p.target, p.args[0] if p.args else None))
 
     def to_meta(t: Any) -> Any:
         return torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t
 
-    try:
-        state = {f"gm.{k}": to_meta(v) for k, v in
-                 list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
+    # ShapeProp prints a traceback before re-raising; failures here are reported by the caller, not on stderr.
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            state = {f"gm.{k}": to_meta(v) for k, v in list(gm.named_parameters(remove_duplicate=False))
+                     + list(gm.named_buffers(remove_duplicate=False))}
+            with torch.no_grad():
+                torch.func.functional_call(_Holder(gm), state, tuple(tree_map(to_meta, values)), tie_weights=False)
+            return
+        except Exception:  # some op lacks a meta kernel: do it for real
+            pass
         with torch.no_grad():
-            torch.func.functional_call(_Holder(gm), state, tuple(tree_map(to_meta, values)), tie_weights=False)
-        return
-    except Exception:  # noqa: BLE001 - some op lacks a meta kernel: do it for real
-        pass
-    with torch.no_grad():
-        _MetaShapeProp(gm).propagate(*values)
+            _MetaShapeProp(gm).propagate(*values)

@@ -11,6 +11,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_map
 
 from ..errors import FusionError, UnfaithfulTrace
+from .state import attributes_preserved
 from .symbolic import trace
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def capture_calls(model: nn.Module, args: Tuple[Any, ...]) -> Dict[int, List[Cal
         handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attributes_preserved(model):  # a capture run leaves no cache / counter behind
             model(*args)
     finally:
         for h in handles:
@@ -85,7 +86,7 @@ def _swap_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 def rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], rewrite_one: RewriteOne,
-                       check: Optional[Check], report: "FusionReport", trace_error: Exception) -> nn.Module:
+                       check: Optional[Check], report: FusionReport, trace_error: Exception) -> nn.Module:
     """Descend the module tree of ``work``; replace every largest sub-module that traces by its rewritten
     GraphModule (``rewrite_one``, verified on the inputs it received while ``work`` ran on ``run_args``). With
     ``check``, the whole model is checked afterwards and sub-module rewrites that change it are undone."""
@@ -93,7 +94,7 @@ def rewrite_submodules(work: nn.Module, run_args: Tuple[Any, ...], rewrite_one: 
     report.submodules["<root>"] = f"not traced: {type(trace_error).__name__}: {str(trace_error).splitlines()[0]}"
     calls = capture_calls(work, run_args)
     done: Dict[int, nn.Module] = {}
-    replaced: List[Tuple[str, nn.Module, "FusionReport"]] = []  # (path, original sub-module, its report)
+    replaced: List[Tuple[str, nn.Module, FusionReport]] = []  # (path, original sub-module, its report)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):

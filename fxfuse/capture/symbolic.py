@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from .state import attributes_preserved
+
 
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that keeps an ``OrderedDict`` (segmentation / backbone outputs) an ``OrderedDict``: plain fx
@@ -20,7 +22,9 @@ class _Tracer(fx.Tracer):
 
 def trace(module: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` (``OrderedDict`` values kept); ``torch.nn`` modules stay leaves, everything else
-    is inlined."""
-    tracer = _Tracer()
-    graph = tracer.trace(module)
-    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    is inlined. ``module`` is left as it was: what the forward stored in plain attributes while traced (Proxies)
+    and the tracer's ``_tensor_constantN`` are removed from it (the GraphModule keeps what its graph reads)."""
+    with attributes_preserved(module):
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, module.__class__.__name__)

@@ -87,7 +87,7 @@ class ConvSpec:
             -2 * p + d * (k - 1) for p, d, k in zip(self.padding, self.dilation, self.kernel_size)
         )
 
-    def with_(self, **changes) -> "ConvSpec":
+    def with_(self, **changes) -> ConvSpec:
         return replace(self, **changes)
 
     def macs_per_output_pixel(self) -> int:

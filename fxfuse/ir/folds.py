@@ -57,7 +57,8 @@ def batchnorm_as_affine(
 def conv_then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec:
     """``affine ∘ conv``: ``W' = a[o]·W[o]``, ``b' = a·b + c``.
 
-    For a transposed conv the output channel of ``W[i, j]`` is ``group(i)·C_out/g + j`` (docs/patterns.md, `conv_bn`)."""
+    For a transposed conv the output channel of ``W[i, j]`` is ``group(i)·C_out/g + j``
+    (docs/patterns.md, `conv_bn`)."""
     w = spec.weight
     affine = _on(affine, w)
     if spec.transposed:
@@ -207,6 +208,31 @@ def place_on_grid(spec: ConvSpec, padding: Sequence[int], dilation: Sequence[int
     return out
 
 
+def why_not_uncrop(spec: ConvSpec, cuts: Sequence[tuple[int, int]]) -> Optional[str]:
+    """A conv on ``x`` cropped by ``(a, b)`` per spatial axis equals a conv on ``x`` whose kernel is zero-extended
+    by ``a`` taps before and ``b`` after, iff the conv reads no zero padding on a cropped axis (the crop border is
+    real data, not zeros) and the cuts are multiples of the dilation."""
+    if spec.transposed:
+        return "transposed conv after a crop"
+    for axis, (a, b) in enumerate(cuts):
+        if (a or b) and spec.padding[axis]:
+            return f"the conv zero-pads axis {axis + 2}, which the crop cut (the border would change)"
+        if a % spec.dilation[axis] or b % spec.dilation[axis]:
+            return f"crop {a, b} on axis {axis + 2} is not a multiple of the dilation {spec.dilation[axis]}"
+    return None
+
+
+def uncrop(spec: ConvSpec, cuts: Sequence[tuple[int, int]]) -> ConvSpec:
+    """``conv(x[..., a:-b])`` as ``conv'(x)``: ``W'`` is ``W`` with ``a/d`` zero taps before and ``b/d`` after on
+    each axis. Output sizes agree: ``(L - a - b - d(k-1) - 1)/s + 1`` both ways. Requires :func:`why_not_uncrop`."""
+    w = spec.weight
+    pads: list[int] = []
+    for axis in reversed(range(spec.ndim)):  # F.pad lists the last axis first
+        a, b = cuts[axis]
+        pads += [a // spec.dilation[axis], b // spec.dilation[axis]]
+    return spec.with_(weight=torch.nn.functional.pad(w, pads))
+
+
 def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
     """Σ branches reading the same input → one conv: regroup to ``gcd(groups)``, place every kernel on one tap
     grid, add weights and biases. Requires :func:`why_not_on_one_grid` to be ``None``."""
@@ -215,8 +241,8 @@ def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
         groups = math.gcd(groups, s.groups)
     specs = [regroup(s, groups) for s in specs]
     padding, dilation, kernel = _grid(specs)
-    weight = sum(place_on_grid(s, padding, dilation, kernel) for s in specs)
-    bias = sum(s.bias for s in specs)
+    weight = torch.stack([place_on_grid(s, padding, dilation, kernel) for s in specs]).sum(0)
+    bias = torch.stack([s.bias for s in specs]).sum(0)
     return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), groups)
 
 
@@ -274,3 +300,24 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
     bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
     padding = tuple(a + b for a, b in zip(first.padding, second.padding))
     return ConvSpec(weight, bias, second.stride, padding, (1,) * first.ndim, groups)
+
+
+# ------------------------------------------------------------------------------- pads with values
+PAD_VALUE_RTOL = 1e-12
+
+
+def why_not_pad_values_through(spec: ConvSpec, values: Tensor) -> Optional[str]:
+    """A zero pad of ``f(x)`` whose border is filled with per-channel ``v`` equals ``f(zero_pad(x))`` when ``f`` is
+    pointwise (1x1 kernel, stride 1, no padding: a per-channel affine or a 1x1 conv) and ``f(0) = bias = v``
+    (docs/patterns.md, `pad_values`). ``v`` is usually the BN shift recomputed by the model's own code in another
+    order, so the two are compared up to float64 rounding (``PAD_VALUE_RTOL`` of ``max |v|``)."""
+    if not spec.is_pointwise or spec.padding_mode != "zeros":
+        return "the padded tensor is not a pointwise (1x1, stride 1, unpadded) conv or per-channel affine"
+    bias = spec.bias.to(torch.float64)
+    v = values.to(bias.device, torch.float64)
+    if bias.shape != v.shape:
+        return f"pad values have {v.numel()} channels, the padded tensor {bias.numel()}"
+    scale = max(float(v.abs().max()), float(bias.abs().max()), 1e-300)
+    if float((bias - v).abs().max()) > PAD_VALUE_RTOL * scale:
+        return "pad values differ from the value the op before the pad takes at 0 (its bias / BN shift)"
+    return None

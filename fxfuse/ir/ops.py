@@ -21,19 +21,53 @@ CONV_T_FUNCS: Dict[Callable[..., Any], int] = {F.conv_transpose1d: 1, F.conv_tra
                                                F.conv_transpose3d: 3}
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LINEAR_FUNCS = (F.linear,)
+LINEAR_FUNCS: Tuple[Callable[..., Any], ...] = (F.linear,)
 BATCH_NORM_FUNCS = (F.batch_norm,)
 AVG_POOL_FUNCS: Dict[Callable[..., Any], int] = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 AVG_POOL_MODULES: Dict[type, int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-PAD_FUNCS = (F.pad, torch._C._nn.pad)
+PAD_FUNCS: Tuple[Callable[..., Any], ...] = (F.pad, torch._C._nn.pad)
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+
+# ------------------------------------------------------------- ATen spellings (torch.export graphs)
+# ATen ops whose positional arguments match the functional spelling above join those tables; the others have
+# their own entries. Graphs come from ``torch.export`` functionalized (fxfuse.capture.export), so writes into
+# views are ``slice_scatter`` nodes and every data dependency is an edge.
+aten = torch.ops.aten
+OpOverload = torch._ops.OpOverload  # the type of ATen call_function targets (no public alias)
+CONV_FUNCS.update({aten.conv1d.default: 1, aten.conv1d.padding: 1, aten.conv2d.default: 2,
+                   aten.conv2d.padding: 2, aten.conv3d.default: 3, aten.conv3d.padding: 3})
+CONV_T_FUNCS.update({aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2,
+                     aten.conv_transpose3d.input: 3})
+# (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, …)
+CONVOLUTION_FUNCS = (aten.convolution.default, aten._convolution.default)
+LINEAR_FUNCS = (*LINEAR_FUNCS, aten.linear.default)
+ADDMM_FUNCS = (aten.addmm.default,)  # addmm(bias, x, w_t, beta=1, alpha=1) = beta·bias + alpha·x @ w_t
+# (input, weight, bias, running_mean, running_var, …): target -> (index of `training` or None, index of `eps`)
+BATCH_NORM_ATEN: Dict[Any, Tuple[Optional[int], int]] = {
+    aten.batch_norm.default: (5, 7), aten.native_batch_norm.default: (5, 7),
+    aten._native_batch_norm_legit.default: (5, 7), aten._native_batch_norm_legit_functional.default: (5, 7),
+    aten._native_batch_norm_legit_no_training.default: (None, 6)}
+# BatchNorm by batch statistics only (no running statistics): (input, weight, bias, training, momentum, eps).
+BATCH_NORM_NO_STATS = (aten._native_batch_norm_legit.no_stats,)
+# The BN ops above that return a tuple: their output is ``operator.getitem(bn, 0)``.
+BATCH_NORM_TUPLE = (frozenset(BATCH_NORM_ATEN) | frozenset(BATCH_NORM_NO_STATS)) - {aten.batch_norm.default}
+AVG_POOL_FUNCS.update({aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3})
+PAD_FUNCS = (*PAD_FUNCS, aten.pad.default)
+CONSTANT_PAD_FUNCS = (aten.constant_pad_nd.default,)  # (input, pad, value=0)
+CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate, aten.cat.default)  # (tensors, dim=0)
+SLICE_FUNCS = (aten.slice.Tensor,)  # (input, dim=0, start=None, end=None, step=1): a view
+SLICE_SCATTER_FUNCS = (aten.slice_scatter.default,)  # (input, src, dim=0, start=None, end=None, step=1)
+COPY_FUNCS = (aten.copy.default,)  # copy(dst, src): src broadcast to dst's shape (functional ``dst[...] = src``)
+FILL_FUNCS = (aten.fill.Scalar, aten.fill.Tensor)  # fill(dst, value): value broadcast to dst's shape
+EXPAND_FUNCS = (aten.expand.default, aten.expand_copy.default)  # (input, size): a broadcast
 
 # ------------------------------------------------------------------------------ no-ops in eval mode
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                 aten.dropout.default)  # aten.dropout(input, p, train)
 
 # Modules whose behaviour is exactly their torch.nn class's: a subclass overriding forward is opaque.
-STOCK_FORWARDS = {cls.forward for cls in (
+STOCK_FORWARDS = {cls.forward for cls in (  # type: ignore[attr-defined]
     *CONV_MODULES, *CONV_T_MODULES, nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.Linear, nn.Identity,
     *DROPOUT_MODULES, *AVG_POOL_MODULES, *PAD_MODULES)}
 
@@ -45,6 +79,9 @@ ARITH_FUNCS: Dict[Callable[..., Any], Tuple[str, bool]] = {
     operator.mul: ("mul", False), torch.mul: ("mul", False), operator.imul: ("mul", True),
     operator.truediv: ("div", False), torch.div: ("div", False), torch.true_divide: ("div", False),
     operator.itruediv: ("div", True)}
+ARITH_FUNCS.update({getattr(getattr(aten, name + suffix), overload): (name, suffix == "_")
+                    for name in ("add", "sub", "mul", "div") for suffix in ("", "_")
+                    for overload in ("Tensor", "Scalar")})
 ARITH_METHODS: Dict[str, Tuple[str, bool]] = {
     "add": ("add", False), "__add__": ("add", False), "add_": ("add", True), "__iadd__": ("add", True),
     "sub": ("sub", False), "__sub__": ("sub", False), "sub_": ("sub", True), "__isub__": ("sub", True),
@@ -55,7 +92,7 @@ ARITH_METHODS: Dict[str, Tuple[str, bool]] = {
 def arithmetic(node: fx.Node) -> Optional[Tuple[str, bool]]:
     """``(op, in_place)`` with ``op`` in ``add / sub / mul / div`` if ``node`` is binary arithmetic, else None."""
     if node.op == "call_function" and node.target in ARITH_FUNCS:
-        return ARITH_FUNCS[node.target]  # type: ignore[index]
+        return ARITH_FUNCS[node.target]
     if node.op == "call_method" and node.target in ARITH_METHODS:
         return ARITH_METHODS[str(node.target)]
     return None
@@ -63,13 +100,27 @@ def arithmetic(node: fx.Node) -> Optional[Tuple[str, bool]]:
 
 # ------------------------------------------------------------------------------ views and metadata
 VIEW_METHODS = {"flatten", "reshape", "view", "reshape_as", "view_as"}
+PERMUTE_METHODS = {"permute"}
+PERMUTE_FUNCS = (torch.permute, aten.permute.default)
 META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
 META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
 
 
+VIEW_FUNCS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+              aten.view_copy.default, aten.reshape_as.default, aten.view_as.default)  # (input, shape / template)
+AS_FUNCS = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default, aten.type_as.default)
+# ATen calls that read only the shape/stride/dtype of their tensor argument.
+META_FUNCS = (aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
+              aten.sym_stride.default, aten.sym_storage_offset.default, aten._assert_tensor_metadata.default)
+ASSERT_FUNCS = (torch._assert, aten._assert_scalar.default, aten._assert_async.msg, aten._assert_async.default,
+                aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default)
+
+
 def is_view(node: fx.Node) -> bool:
-    """A reshaping method call (``flatten`` / ``reshape`` / ``view`` / ``*_as``)."""
+    """A reshaping method call (``flatten`` / ``reshape`` / ``view`` / ``*_as``) or its ATen spelling."""
+    if node.op == "call_function":
+        return node.target in VIEW_FUNCS
     return node.op == "call_method" and node.target in VIEW_METHODS
 
 
@@ -79,6 +130,10 @@ def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:
     not change what they see."""
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) > 1 and user.args[1] in META_ATTRS
+    if user.op == "call_function" and user.target in META_FUNCS:
+        return True
+    if user.op == "call_function" and user.target in AS_FUNCS:  # the template argument of reshape_as …
+        return of is not None and len(user.args) == 2 and user.args[1] is of and user.args[0] is not of
     if user.op == "call_method":
         if user.target in META_METHODS:
             return True
@@ -88,15 +143,38 @@ def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:
 
 
 def real_users(node: fx.Node) -> list[fx.Node]:
-    """Users of ``node`` other than metadata reads."""
-    return [u for u in node.users if not is_metadata_user(u, node)]
+    """Users of ``node`` other than metadata reads. A tuple-returning ATen BatchNorm whose only used output is
+    ``[0]`` is seen through: its ``getitem(bn, 0)`` nodes are the users (they are the BN's output)."""
+    users: list[fx.Node] = []
+    for u in node.users:
+        if is_metadata_user(u, node):
+            continue
+        outputs = tuple_outputs(u)
+        users.extend(outputs if outputs is not None and u.args and u.args[0] is node else [u])
+    return users
+
+
+def tuple_outputs(node: fx.Node) -> Optional[list[fx.Node]]:
+    """For a tuple-returning ATen BatchNorm whose users are all ``getitem(node, 0)``: those users; else None."""
+    if node.op != "call_function" or node.target not in BATCH_NORM_TUPLE:
+        return None
+    users = list(node.users)
+    if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
+        return None
+    return users
+
+
+def aten_is_pure(target: Any) -> bool:
+    """An ATen op that writes nothing, draws no random numbers and asserts nothing."""
+    return (not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+            and target not in ASSERT_FUNCS and not _RANDOM.search(target.__name__.split(".")[0]))
 
 
 # ------------------------------------------------------------------------------------------ purity
 _RANDOM = re.compile(r"rand|dropout|normal|bernoulli|uniform|multinomial|poisson|empty|exponential")
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-_PURE_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.Identity, nn.Dropout,
-                 *PAD_MODULES, *AVG_POOL_MODULES)
+_PURE_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.Identity,
+                 *DROPOUT_MODULES, *PAD_MODULES, *AVG_POOL_MODULES)
 
 
 def is_pure(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -109,9 +187,28 @@ def is_pure(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return not str(node.target).endswith("_") and not _RANDOM.search(str(node.target))
     if node.op == "call_function":
+        if isinstance(node.target, OpOverload):
+            return aten_is_pure(node.target)
         name = getattr(node.target, "__name__", str(node.target))
         return node.target not in _INPLACE_FUNCS and not name.endswith("_") and not _RANDOM.search(name) \
             and node.target is not torch._assert
+    return False
+
+
+def writes_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """May ``node`` write into one of its inputs (``add_``, ``+=``, ``x[i] = v``, ``ReLU(inplace=True)``,
+    ``F.relu(x, inplace=True)``)? Unknown modules count as writers."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        return mod is None or bool(getattr(mod, "inplace", False)) or not isinstance(mod, (*_PURE_MODULES,
+                                                                                          *_ACTIVATION_MODULES))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("__")
+    if node.op == "call_function":
+        if isinstance(node.target, OpOverload):
+            return bool(node.target._schema.is_mutable)
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCS or name.endswith("_") or bool(node.kwargs.get("inplace", False))
     return False
 
 
@@ -124,6 +221,21 @@ _FRESH_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.L
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid)
 
 
+_ALIAS_METHODS = VIEW_METHODS | {"permute", "t", "transpose", "detach", "expand", "expand_as", "contiguous",
+                                 "squeeze", "unsqueeze"}
+
+
+def is_alias(node: fx.Node) -> bool:
+    """Returns (a view of) its first input without computing anything: ATen view ops (schema returns an alias),
+    ``view`` / ``reshape`` / ``permute`` / ``t`` / ``detach`` / ``expand`` … methods."""
+    if node.op == "call_function" and isinstance(node.target, OpOverload):
+        return any(r.alias_info is not None for r in node.target._schema.returns)
+    if node.op == "call_function":
+        return node.target in PERMUTE_FUNCS or node.target in (torch.t, torch.transpose, torch.squeeze,
+                                                               torch.unsqueeze, torch.reshape, torch.flatten)
+    return node.op == "call_method" and node.target in _ALIAS_METHODS
+
+
 def returns_fresh_storage(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     """Is ``node`` known to return a new tensor? An in-place add on an alias also changes what the aliased
     tensor's other readers see, which a merged, out-of-place sum would not reproduce."""
@@ -132,6 +244,8 @@ def returns_fresh_storage(node: fx.Node, modules: Mapping[str, nn.Module]) -> bo
         return isinstance(mod, _FRESH_MODULES) or (isinstance(mod, _ACTIVATION_MODULES)
                                                    and not getattr(mod, "inplace", False))
     if node.op == "call_function":
+        if isinstance(node.target, OpOverload):  # functional ATen ops that return no alias
+            return aten_is_pure(node.target) and all(r.alias_info is None for r in node.target._schema.returns)
         return node.target in _FRESH_FUNCS and not node.kwargs.get("inplace", False)
     return node.op == "call_method" and node.target in _FRESH_METHODS
 
@@ -147,21 +261,30 @@ def op_kind(node: fx.Node, modules: Mapping[str, nn.Module]) -> Optional[str]:
         mod = modules.get(str(node.target))
         return None if mod is None else module_kind(mod)
     if node.op == "call_function":
-        if node.target in CONV_FUNCS or node.target in CONV_T_FUNCS:
-            return "conv"
-        if node.target in BATCH_NORM_FUNCS:
-            return "batch_norm"
-        if node.target in AVG_POOL_FUNCS:
-            return "avg_pool"
-        if node.target in LINEAR_FUNCS:
-            return "linear"
-        if node.target is torch._assert:
-            return "assert"
+        kind = function_kind(node.target)
+        if kind is not None:
+            return kind
     if is_metadata_user(node):
         return "metadata"
     arith = arithmetic(node)
     if arith is not None and arith[0] == "add":
         return "add"
+    return None
+
+
+def function_kind(target: Any) -> Optional[str]:
+    """Op class of a function: an fx ``call_function`` target, or the ``func`` a ``TorchFunctionMode`` sees when
+    a model runs (conv, batch_norm, avg_pool, linear, assert), else ``None``."""
+    if target in CONV_FUNCS or target in CONV_T_FUNCS or target in CONVOLUTION_FUNCS:
+        return "conv"
+    if target in BATCH_NORM_FUNCS or target in BATCH_NORM_ATEN or target in BATCH_NORM_NO_STATS:
+        return "batch_norm"
+    if target in AVG_POOL_FUNCS:
+        return "avg_pool"
+    if target in LINEAR_FUNCS or target in ADDMM_FUNCS:
+        return "linear"
+    if target in ASSERT_FUNCS:
+        return "assert"
     return None
 
 

@@ -10,11 +10,11 @@ Both graph spellings are read: ``call_module`` (``nn.Conv2d``, ``nn.BatchNorm2d`
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, List, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import folds as K
@@ -70,6 +70,20 @@ class SumRead:
     in_place: bool
 
 
+@dataclass(frozen=True)
+class ValuedPad:
+    """``node`` = ``input`` padded by ``padding`` (per spatial axis, both sides) with the per-channel constant
+    ``values`` (float64 ``[C]``): a zero pad (``pad``) whose whole border is then overwritten with ``values``
+    (``out[:, :, :p, :] = v`` … on every side, functionalized to ``slice_scatter``). ``nodes``: the pad, the
+    writes and the slices they read (the construct, which nothing else should use)."""
+
+    input: fx.Node
+    pad: fx.Node
+    padding: Tuple[int, ...]
+    values: Tensor
+    nodes: Tuple[fx.Node, ...]
+
+
 # ----------------------------------------------------------------------------------- arguments
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Positional-or-keyword argument of a call node."""
@@ -104,7 +118,8 @@ class Constants:
         result = self._MISSING
         if a.op == "get_attr":
             result = _fetch_attr(self.gm, a.target)
-        elif a.op in ("call_function", "call_method") and ops.is_pure(a, {}) and a.all_input_nodes:
+        elif a.op in ("call_function", "call_method") and ops.is_pure(a, {}) \
+                and (a.all_input_nodes or isinstance(a.target, ops.OpOverload)):
             args = fx.node.map_arg(a.args, self.value)
             kwargs = fx.node.map_arg(a.kwargs, self.value)
             flat = list(args) + list(kwargs.values())
@@ -157,7 +172,7 @@ class Reader:
         self.gm = gm
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self.constants = Constants(gm)
-        first = next(iter(gm.parameters()), None)
+        first: Optional[Tensor] = next(iter(gm.parameters()), None)
         if first is None:
             first = next(iter(gm.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -217,6 +232,15 @@ class Reader:
             return self._conv_read(node.args[0], w, b, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0),
                                    arg(node, 7, "dilation", 1), arg(node, 6, "groups", 1), "zeros", True,
                                    arg(node, 5, "output_padding", 0))
+        if node.target in ops.CONVOLUTION_FUNCS and len(node.args) >= 9:
+            conv_args: Any = node.args
+            inp, w_arg, b_arg, stride, pads, dil, transposed, out_pads, groups = conv_args[:9]
+            w = self.constants.tensor(w_arg)
+            b = None if b_arg is None else self.constants.tensor(b_arg)
+            if w is None or (b_arg is not None and b is None) or not isinstance(inp, fx.Node):
+                return Refusal("functional conv with non-constant weight") if w is None else None
+            return self._conv_read(inp, w, b, stride, pads, dil, groups, "zeros", bool(transposed),
+                                   out_pads if transposed else ())
         return None
 
     @staticmethod
@@ -270,14 +294,35 @@ class Reader:
             b = float64(mod.bias) if mod.bias is not None else w.new_zeros(w.shape[0], dtype=torch.float64)
             return LinearRead(node.args[0], float64(w), b, w)
         if node.op == "call_function" and node.target in ops.LINEAR_FUNCS and isinstance(node.args[0], fx.Node):
-            w = self.constants.tensor(arg(node, 1, "weight"))
+            wc = self.constants.tensor(arg(node, 1, "weight"))
             b_arg = arg(node, 2, "bias")
-            b = None if b_arg is None else self.constants.tensor(b_arg)
-            if w is None or (b_arg is not None and b is None) or w.dim() != 2:
+            bc = None if b_arg is None else self.constants.tensor(b_arg)
+            if wc is None or (b_arg is not None and bc is None) or wc.dim() != 2:
                 return None
-            b64 = float64(b) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-            return LinearRead(node.args[0], float64(w), b64, w)
+            b64 = float64(bc) if bc is not None else torch.zeros(wc.shape[0], dtype=torch.float64)
+            return LinearRead(node.args[0], float64(wc), b64, wc)
+        if node.op == "call_function" and node.target in ops.ADDMM_FUNCS and len(node.args) >= 3 \
+                and isinstance(node.args[1], fx.Node):
+            # addmm(bias, x, w_t, beta, alpha) = beta·bias + alpha·x @ w_t: a linear layer with weight alpha·w_tᵀ
+            bias, wt = self.constants.tensor(node.args[0]), self.constants.tensor(node.args[2])
+            beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
+            if bias is None or wt is None or wt.dim() != 2 or self.constants.tensor(node.args[1]) is not None \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (beta, alpha)):
+                return None
+            if bias.numel() not in (1, wt.shape[1]) or bias.dim() > 2 or (bias.dim() == 2 and bias.shape[0] != 1):
+                return None  # a per-row bias is not a linear layer's
+            w64 = float64(wt).t().contiguous() * alpha
+            b64 = (float64(bias).reshape(-1) * beta).expand(wt.shape[1]).clone()
+            return LinearRead(node.args[1], w64, b64, self._origin(node.args[2], wt))
         return None
+
+    def _origin(self, node: Any, fallback: Tensor) -> Tensor:
+        """The parameter a constant argument is a view of (``w.t()``, ``w.permute(1, 0)``): its dtype and
+        ``requires_grad`` are what a fused layer should get."""
+        while isinstance(node, fx.Node) and node.op == "call_function" and len(node.all_input_nodes) == 1:
+            node = node.all_input_nodes[0]
+        value = self.constants.value(node) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+        return value if isinstance(value, Tensor) else fallback
 
     # -- per-channel affines -------------------------------------------------------------------
     def affine(self, node: fx.Node, axis: Optional[int] = None) -> Union[AffineRead, Refusal, None]:
@@ -318,6 +363,42 @@ class Reader:
             aff = K.batchnorm_as_affine(float64(rm), float64(rv), None if w is None else float64(w),
                                         None if b is None else float64(b), float(arg(node, 7, "eps", 1e-5)))
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
+        bn = self._aten_batchnorm_node(node)
+        if bn is not None and bn.target in ops.BATCH_NORM_NO_STATS:
+            return Refusal("batch_norm without running statistics normalizes by batch statistics")
+        if bn is not None:
+            training_at, eps_at = ops.BATCH_NORM_ATEN[bn.target]
+            if training_at is not None and arg(bn, training_at, "training", False) is not False:
+                return Refusal("batch_norm(training=True) uses batch statistics")
+            w_arg, b_arg, rm_arg, rv_arg = (arg(bn, i, n) for i, n in
+                                            ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+            if rm_arg is None or rv_arg is None:
+                return Refusal("batch_norm without running statistics normalizes by batch statistics")
+            rm, rv = self.constants.tensor(rm_arg), self.constants.tensor(rv_arg)
+            w = None if w_arg is None else self.constants.tensor(w_arg)
+            b = None if b_arg is None else self.constants.tensor(b_arg)
+            if rm is None or rv is None or (w_arg is not None and w is None) or (b_arg is not None and b is None):
+                return Refusal("batch_norm with non-constant statistics or parameters")
+            if not isinstance(bn.args[0], fx.Node):
+                return None
+            aff = K.batchnorm_as_affine(float64(rm), float64(rv), None if w is None else float64(w),
+                                        None if b is None else float64(b), float(arg(bn, eps_at, "eps", 1e-5)))
+            return AffineRead(bn.args[0], aff, 1, ndim, "batch_norm")
+        return None
+
+    @staticmethod
+    def _aten_batchnorm_node(node: fx.Node) -> Optional[fx.Node]:
+        """The ATen BatchNorm call whose output ``node`` is: ``node`` itself (``aten.batch_norm``) or, for the
+        tuple-returning ops (``_native_batch_norm_legit_no_training`` …), ``node = getitem(bn, 0)``."""
+        if node.op != "call_function":
+            return None
+        if node.target is operator.getitem and len(node.args) == 2 and node.args[1] == 0:
+            bn = node.args[0]
+            if isinstance(bn, fx.Node) and bn.op == "call_function" and bn.target in ops.BATCH_NORM_TUPLE:
+                return bn
+            return None
+        if node.target in ops.BATCH_NORM_ATEN and node.target not in ops.BATCH_NORM_TUPLE:
+            return node
         return None
 
     def _arith_affine(self, node: fx.Node, axis: int) -> Optional[AffineRead]:
@@ -392,6 +473,53 @@ class Reader:
                                   device=self.device)
         return ConvRead(node.args[0], spec, "avg_pool", None)
 
+    def permute(self, node: fx.Node) -> Optional[Tuple[fx.Node, Tuple[int, ...]]]:
+        """``x.permute(*dims)`` / ``torch.permute(x, dims)``: returns ``(x, dims)`` (non-negative)."""
+        if node.op == "call_method" and node.target in ops.PERMUTE_METHODS:
+            dims: Any = node.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+        elif node.op == "call_function" and node.target in ops.PERMUTE_FUNCS:
+            dims = arg(node, 1, "dims")
+        else:
+            return None
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or not isinstance(dims, (tuple, list)) \
+                or not all(isinstance(d, int) for d in dims):
+            return None
+        n = len(dims)
+        return x, tuple(d % n for d in dims)
+
+    def crop(self, node: fx.Node) -> Optional[Tuple[fx.Node, Tuple[Tuple[int, int], ...]]]:
+        """``x[:, :, a:-b, c:-d]`` (plain slices, step 1, batch and channel axes whole): returns ``(x, per
+        spatial axis (cut at the start, cut at the end))``; None for any other indexing."""
+        if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+            return None
+        x, index = node.args
+        shape = shape_of(x)
+        if not isinstance(x, fx.Node) or shape is None or len(shape) < 3:
+            return None
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(i is Ellipsis for i in items):
+            at = items.index(Ellipsis)
+            items = items[:at] + [slice(None)] * (len(shape) - len(items) + 1) + items[at + 1:]
+        if len(items) > len(shape) or any(not isinstance(i, slice) for i in items):
+            return None
+        items += [slice(None)] * (len(shape) - len(items))
+        cuts = []
+        slices: List[slice] = [i for i in items if isinstance(i, slice)]
+        for axis, (item, size) in enumerate(zip(slices, shape)):
+            if any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)) or item.step not in (None, 1):
+                return None
+            start, stop, _ = item.indices(int(size))
+            if axis < 2 and (start, stop) != (0, int(size)):
+                return None
+            if stop <= start:
+                return None
+            cuts.append((start, int(size) - stop))
+        spatial = tuple(cuts[2:])
+        return (x, spatial) if any(a or b for a, b in spatial) else None
+
     def zero_pad(self, node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, ...]]]:
         """``F.pad(x, pads)`` / ``nn.ZeroPadNd`` / ``nn.ConstantPadNd(value=0)`` that pads every spatial axis
         symmetrically with zeros: returns ``(x, per-axis padding)``."""
@@ -400,6 +528,8 @@ class Reader:
             pads, value, mode = mod.padding, getattr(mod, "value", 0.0), "constant"
         elif node.op == "call_function" and node.target in ops.PAD_FUNCS:
             pads, mode, value = arg(node, 1, "pad"), arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+        elif node.op == "call_function" and node.target in ops.CONSTANT_PAD_FUNCS:
+            pads, mode, value = arg(node, 1, "pad"), "constant", arg(node, 2, "value", 0)
         else:
             return None
         x = node.args[0] if node.args else None
@@ -419,6 +549,101 @@ class Reader:
             per_axis[spatial - 1 - i] = left
         return x, tuple(per_axis)
 
+    def cat(self, node: fx.Node) -> Optional[Tuple[Sequence[Any], Any]]:
+        """``torch.cat(tensors, dim)`` in any spelling: returns ``(tensors, dim)``."""
+        if node.op != "call_function" or node.target not in ops.CAT_FUNCS:
+            return None
+        return arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
+
+    def valued_pad(self, node: fx.Node) -> Optional[ValuedPad]:
+        """A zero pad whose every border position is overwritten with one per-channel constant (DBB's
+        BN-and-pad layer: ``out = F.pad(bn(x), [p] * 4); out[:, :, :p, :] = pad_values; …``), i.e. a pad with
+        per-channel values: see :class:`ValuedPad`. Only writes that stay inside the border and together cover
+        all of it are accepted; every write must store the same values."""
+        writes: list = []  # (dim, start, end, value) in the order they are applied, latest first
+        nodes: list = []
+        cur = node
+        while cur.op == "call_function" and cur.target in ops.SLICE_SCATTER_FUNCS:
+            parsed = self._slice_write(cur)
+            if parsed is None:
+                return None
+            cur, ws, ns = parsed
+            writes.extend(ws)
+            nodes.extend(ns)
+        if not writes:
+            return None
+        pad = self.zero_pad(cur)
+        shape = shape_of(cur)
+        if pad is None or shape is None:
+            return None
+        x, padding = pad
+        ndim = len(shape)
+        values = None
+        covered: Dict[int, set] = {}
+        for dim, start, end, value in writes:
+            if not isinstance(dim, int) or dim % ndim < 2:
+                return None  # a write along the batch or channel axis
+            dim %= ndim
+            size = int(shape[dim])
+            lo, hi, _ = slice(start, end).indices(size)
+            p = padding[dim - 2]
+            if hi <= lo or not (hi <= p or lo >= size - p):
+                return None  # empty, or reaches into the interior
+            vec = _per_channel(_uniform_along_all_but(value, ndim, 1), ndim, 1, int(shape[1]))
+            if vec is None or (values is not None and not torch.equal(vec, values)):
+                return None
+            values = vec
+            covered.setdefault(dim, set()).update(range(lo, hi))
+        for axis, p in enumerate(padding):
+            size = int(shape[axis + 2])
+            if p and not covered.get(axis + 2, set()) >= set(range(p)) | set(range(size - p, size)):
+                return None  # part of the border keeps the zero padding
+        assert values is not None
+        return ValuedPad(x, cur, tuple(padding), values.to(self.device), tuple([*nodes, cur]))
+
+    def _slice_write(self, node: fx.Node) -> Optional[Tuple[fx.Node, list, list]]:
+        """``slice_scatter(base, src, dim, start, end)`` writing a constant (``copy(view, c)``, ``fill(view, c)``
+        or a broadcast constant), or writing into a full-range slice of ``base`` (``out[:, :, :p] = c`` is
+        recorded as a write into ``out[:]``): ``(base, [(dim, start, end, value)], nodes)``."""
+        base, src = arg(node, 0, "input"), arg(node, 1, "src")
+        dim, start, end = arg(node, 2, "dim", 0), arg(node, 3, "start"), arg(node, 4, "end")
+        step = arg(node, 5, "step", 1)
+        if not isinstance(base, fx.Node) or not isinstance(src, fx.Node) or step != 1 \
+                or any(isinstance(v, fx.Node) for v in (dim, start, end)):
+            return None
+        value = self._written_constant(src)
+        if value is not None:
+            nodes = [node, src] + [n for n in src.all_input_nodes if n.op == "call_function"
+                                   and n.target in ops.SLICE_FUNCS]
+            return base, [(dim, start, end, value)], nodes
+        shape = shape_of(base)
+        full = shape is not None and start in (None, 0) and (end is None or end >= int(shape[dim]))
+        if full and src.op == "call_function" and src.target in ops.SLICE_SCATTER_FUNCS:
+            view = arg(src, 0, "input")
+            if isinstance(view, fx.Node) and view.op == "call_function" and view.target in ops.SLICE_FUNCS \
+                    and view.args[0] is base and arg(view, 1, "dim", 0) == dim \
+                    and arg(view, 2, "start") in (None, 0) and (arg(view, 3, "end") is None
+                                                                or arg(view, 3, "end") >= int(shape[dim])) \
+                    and arg(view, 4, "step", 1) == 1:
+                inner = self._slice_write(src)
+                if inner is not None and inner[0] is view:
+                    return base, inner[1], [node, view, *inner[2]]
+        return None
+
+    def _written_constant(self, src: fx.Node) -> Optional[Tensor]:
+        """The constant a write stores (before broadcasting to the written region), or None."""
+        value: Any = src
+        if src.op == "call_function" and src.target in ops.COPY_FUNCS + ops.FILL_FUNCS:
+            value = arg(src, 1, "src" if src.target in ops.COPY_FUNCS else "value")
+        while True:
+            c = self.constants.tensor(value)
+            if c is not None:
+                return c
+            if isinstance(value, fx.Node) and value.op == "call_function" and value.target in ops.EXPAND_FUNCS:
+                value = value.args[0]
+                continue
+            return None
+
     # -- anything linear, as a conv --------------------------------------------------------------
     def as_conv(self, node: fx.Node) -> Union[ConvRead, Refusal, None]:
         """Convs, avg-pools and per-channel affines (as depthwise 1x1 convs) over an N,C,*spatial input."""
@@ -434,6 +659,18 @@ class Reader:
                 return None
             return ConvRead(aff.input, K.affine_as_conv(aff.affine, aff.ndim - 2), "affine", None)
         return aff
+
+
+def _uniform_along_all_but(c: Tensor, ndim: int, axis: int) -> Tensor:
+    """``c`` (broadcasting against an ``ndim`` tensor) with every other axis along which it holds one value
+    shrunk to size 1 (a constant already expanded to the written region's shape)."""
+    if c.dim() > ndim:
+        return c
+    c = c.reshape([1] * (ndim - c.dim()) + list(c.shape))
+    for i in range(ndim):
+        if i != axis and c.shape[i] > 1 and bool((c == c.narrow(i, 0, 1)).all()):
+            c = c.narrow(i, 0, 1)
+    return c
 
 
 def _per_channel(c: Tensor, ndim: int, axis: int, channels: int) -> Optional[Tensor]:

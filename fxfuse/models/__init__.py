@@ -3,7 +3,7 @@ their deploy-shaped plain twins, and a BatchNorm randomizer for tests."""
 from __future__ import annotations
 
 from ._bn import randomize_batchnorm_
-from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks
+from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .blocks import (
     ACBlock,
     ACNet,
@@ -17,9 +17,11 @@ from .blocks import (
     MobileOneUnit,
 )
 from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
+from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
 
 __all__ = [
     "ACBlock",
+    "AssertingBatchNorm2d",
     "ACNet",
     "BNAfterSumBlock",
     "BNAfterSumNet",
@@ -41,4 +43,7 @@ __all__ = [
     "randomize_batchnorm_",
     "reparam_blocks",
     "repvgg",
+    "ZooRepVGGBlock",
+    "zoo_form",
+    "zoo_names",
 ]

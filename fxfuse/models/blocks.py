@@ -329,11 +329,12 @@ class _BlockNet(nn.Module):
         """Stem, blocks, optional head."""
         x = self.stem(x)
         x = self.body(x)
-        if self.linear is None:
+        linear, gap = self.linear, self.gap
+        if linear is None or gap is None:
             return x
-        x = self.gap(x)
+        x = gap(x)
         x = torch.flatten(x, 1)
-        return self.linear(x)
+        return linear(x)
 
 
 class ACNet(_BlockNet):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
 
 from .blocks import ACNet, BNAfterSumNet, DBBNet, MobileOneNet
 from .repvgg import REPVGG_CONFIGS, repvgg
+from .zoo_form import zoo_form
 
 __all__ = [
     "PlainBlock",
@@ -17,7 +18,10 @@ __all__ = [
     "names",
     "plain_twin",
     "reparam_blocks",
+    "zoo_names",
 ]
+
+ZOO_SUFFIX = "-zoo"
 
 _SMALL_NETS: dict[str, Callable[..., nn.Module]] = {
     "acnet": ACNet,
@@ -35,12 +39,20 @@ def names() -> list[str]:
     return [f"repvgg-{c}" for c in REPVGG_CONFIGS] + list(_SMALL_NETS)
 
 
+def zoo_names() -> list[str]:
+    """The reference nets of the op-level benchmark in zoo spelling (``build`` accepts ``<any name>-zoo``)."""
+    return [f"{n}{ZOO_SUFFIX}" for n in ("repvgg-A0", "repvgg-tiny", "repvgg-article", *_SMALL_NETS)]
+
+
 def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}")
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered net in training form; ``kwargs`` go to its constructor (override config)."""
+    """Build a registered net in training form; ``kwargs`` go to its constructor (override config).
+    ``<name>-zoo`` builds it in zoo spelling (:mod:`fxfuse.models.zoo_form`)."""
+    if name.endswith(ZOO_SUFFIX) and name != ZOO_SUFFIX:
+        return zoo_form(build(name[: -len(ZOO_SUFFIX)], **kwargs))
     if name in _SMALL_NETS:
         return _SMALL_NETS[name](**kwargs)
     if name.startswith("repvgg-") and name[len("repvgg-"):] in REPVGG_CONFIGS:
@@ -50,6 +62,8 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 
 def default_input_shape(name: str) -> tuple[int, int, int, int]:
     """NCHW input for ``name``: 224x224 for full RepVGGs, 64x64 for tiny ones, 32x32 for small nets."""
+    if name.endswith(ZOO_SUFFIX) and name != ZOO_SUFFIX:
+        return default_input_shape(name[: -len(ZOO_SUFFIX)])
     if name in _SMALL_NETS:
         return _SMALL_INPUT
     if name in ("repvgg-tiny", "repvgg-tiny_g2"):
@@ -88,7 +102,7 @@ class PlainBlock(nn.Sequential):
 def _plain_of(block: nn.Module) -> PlainBlock:
     ref = next(iter(block.parameters()), None)
     plain = PlainBlock(
-        block.deploy_conv_specs(),
+        cast(Any, block).deploy_conv_specs(),
         device=None if ref is None else ref.device,
         dtype=None if ref is None else ref.dtype,
     )

@@ -191,11 +191,12 @@ class RepVGG(nn.Module):
         x = self.stage2(x)
         x = self.stage3(x)
         x = self.stage4(x)
-        if self.linear is None:
+        linear, gap = self.linear, self.gap
+        if linear is None or gap is None:
             return x
-        x = self.gap(x)
+        x = gap(x)
         x = torch.flatten(x, 1)
-        return self.linear(x)
+        return linear(x)
 
 
 _GROUPWISE_LAYERS = tuple(range(2, 27, 2))

@@ -6,7 +6,7 @@ dead and pure; metadata users (``x.shape`` …) of folded intermediates are hand
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -14,7 +14,7 @@ from torch import Tensor, fx, nn
 from ..ir import ops
 from ..ir.algebra import ConvSpec
 from ..ir.read import Reader, shape_of
-from ..report import Unfused
+from ..report import Unfused, WeightGrowth
 
 
 def erase_if_dead(node: fx.Node, modules: Mapping[str, nn.Module]) -> None:
@@ -50,6 +50,9 @@ class RewriteContext:
         self.rule = ""  # the rule being matched (set by the driver through begin_rule)
         self._names: Set[str] = set(dict(gm.named_modules()))
         self._held: Optional[Set[int]] = None  # storages the module holds (filled on the first insertion)
+        # new conv module -> the main branch's original kernel (root of its `like` chain), for weight_growth()
+        self._main_kernel: Dict[str, Tensor] = {}
+        self._main_of: Dict[int, Tensor] = {}  # id(new conv weight) -> that kernel (read.modules keeps them alive)
 
     # -- users -------------------------------------------------------------------------------------
     real_users = staticmethod(ops.real_users)
@@ -78,7 +81,7 @@ class RewriteContext:
 
     # -- surgery -------------------------------------------------------------------------------------
     def _fresh_name(self, base: str) -> str:
-        base = "fused_" + base.replace(".", "_")
+        base = "fused_" + base.replace(".", "_").removeprefix("fused_")
         name, i = base, 1
         while name in self._names or hasattr(self.gm, name):
             name, i = f"{base}_{i}", i + 1
@@ -102,13 +105,14 @@ class RewriteContext:
     def conv_module(self, spec: ConvSpec, like: Optional[Tensor]) -> nn.Module:
         """An ``nn.ConvNd`` / ``nn.ConvTransposeNd`` holding ``spec`` (same device as ``spec.weight``)."""
         ndim = spec.ndim
+        mod: nn.Module
         if spec.transposed:
-            cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[ndim - 1]
-            mod = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
+            transposed_cls: Any = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[ndim - 1]
+            mod = transposed_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.output_padding, spec.groups, True, spec.dilation, device="meta")
         else:
-            cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
-            mod = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
+            conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+            mod = conv_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.dilation, spec.groups, True, spec.padding_mode, device="meta")
         weight = spec.weight.detach()
         if like is not None and like.dim() == weight.dim() and like.dim() in (4, 5) \
@@ -135,10 +139,27 @@ class RewriteContext:
         """Insert ``call_module(new conv holding spec)(input)`` before ``before``; returns the new node. With
         ``same_shape`` its output shape is ``before``'s (else shapes are re-propagated before the next sweep)."""
         target = self._add_module(self.conv_module(spec, like), name or before.name, like)
+        if like is not None and not spec.transposed:
+            main = self._main_of.get(id(like), like)
+            self._main_kernel[target] = main
+            self._main_of[id(self.read.modules[target].weight)] = main
         with self.graph.inserting_before(before):
             node = self.graph.call_module(target, (input,))
         node.meta = dict(before.meta) if same_shape else {}
         return node
+
+    def weight_growth(self) -> List[WeightGrowth]:
+        """Per added conv still in the graph: its kernel's per-output-channel range vs the main branch's original
+        kernel (:class:`fxfuse.report.WeightGrowth`)."""
+        live = [str(n.target) for n in self.graph.nodes
+                if n.op == "call_module" and str(n.target) in self._main_kernel]
+        out = []
+        for name in live:
+            weight = self.read.modules[name].weight
+            growth = WeightGrowth.of(name, weight, self._main_kernel[name]) if isinstance(weight, Tensor) else None
+            if growth is not None:
+                out.append(growth)
+        return out
 
     def insert_linear(self, weight: Tensor, bias: Tensor, input: fx.Node, *, before: fx.Node,
                       like: Optional[Tensor] = None, name: Optional[str] = None) -> fx.Node:
@@ -162,7 +183,7 @@ class RewriteContext:
                 if ops.is_metadata_user(u, c):
                     u.replace_input_with(c, new)
         if moved:
-            order = {n: i for i, n in enumerate(self.graph.nodes)}
+            order: Dict[fx.Node, float] = {n: float(i) for i, n in enumerate(self.graph.nodes)}
             _hoist(new, min(moved, key=order.__getitem__), order)
         for n in (old, *consumed):
             erase_if_dead(n, self.read.modules)
@@ -186,6 +207,18 @@ class RewriteContext:
         for i in inputs:
             self.erase_if_dead(i)
 
+    def insert_constant(self, value: Tensor, *, before: fx.Node, like: Optional[Tensor] = None,
+                        name: Optional[str] = None) -> fx.Node:
+        """A ``get_attr`` of a new module's parameter holding ``value`` (a parameter-only sub-graph evaluated
+        once), inserted before ``before`` with its metadata; cast back to ``like``'s dtype like fused layers."""
+        holder = nn.Module()
+        holder.value = nn.Parameter(self._own(value.detach()))
+        target = self._add_module(holder, name or before.name, like)
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(f"{target}.value")
+        node.meta = dict(before.meta)
+        return node
+
     def copy_before(self, node: fx.Node, anchor: fx.Node, *, replacing: fx.Node, by: fx.Node) -> fx.Node:
         """A copy of ``node`` reading ``by`` where it read ``replacing``, inserted before ``anchor`` (its shape
         is unknown until the next propagation)."""
@@ -197,7 +230,7 @@ class RewriteContext:
     is_erased = staticmethod(is_erased)
 
 
-def _hoist(node: fx.Node, anchor: fx.Node, order: Dict[fx.Node, int]) -> None:
+def _hoist(node: fx.Node, anchor: fx.Node, order: Dict[fx.Node, float]) -> None:
     """Move ``node`` (and the inputs it needs) before ``anchor`` if it comes later: keeps the graph topological
     after a shape-reading user of a folded intermediate was handed to the fused node."""
     if order[node] < order[anchor]:

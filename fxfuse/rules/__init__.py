@@ -9,7 +9,9 @@ default). A new built-in rule: add its file here, its section to docs/patterns.m
 import importlib
 
 ORDER = (
+    "fold_constants",         # parameter-only sub-graphs (generated weights) → one constant
     "remove_noop",            # identity / eval dropout out of the way first
+    "pad_values",             # pad with per-channel values f(0) after a pointwise f → f after a zero pad
     "conv_bn",                # conv / linear → per-channel affine
     "linear_view_bn",         # linear → view → BN1d → view back
     "bn_conv",                # per-channel affine → conv / linear
@@ -18,6 +20,7 @@ ORDER = (
     "branch_sum",             # Σ parallel branches on one input
     "sequential",             # conv → conv
     "concat",                 # cat of sibling convs
+    "shape_assert",           # shape checks the fused graph guarantees (keep_asserts=True keeps them)
     "horizontal",             # late phase, off by default
 )
 

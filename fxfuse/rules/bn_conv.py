@@ -19,7 +19,7 @@ def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Fold a per-channel affine into the conv/linear that is its only user."""
     conv = ctx.read.conv(node)
     linear = ctx.read.linear(node) if conv is None else None
-    if isinstance(conv, ConvRead) and conv.kind == "conv":
+    if isinstance(conv, ConvRead) and conv.kind in ("conv", "conv_transpose"):  # transposed: skipped, with why
         source = conv.input
     elif linear is not None:
         source = linear.input
@@ -29,14 +29,15 @@ def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if linear is not None and isinstance(read, AffineRead) and read.axis != read.ndim - 1:
         read = ctx.read.affine(source, axis=read.ndim - 1)
         if isinstance(read, AffineRead) and read.axis != read.ndim - 1:
-            return None
+            return ctx.skip(node, "the affine before this linear layer is not along its input features")
     if not isinstance(read, AffineRead):
         return None
     if ctx.single_user(source) is not node:
-        return None  # the affine feeds other ops too; it stays
+        others = ", ".join(u.name for u in ctx.real_users(source) if u is not node)
+        return ctx.skip(node, f"the affine {source.name} before it also feeds {others}")
     if conv is not None:
         if read.axis != 1:
-            return None
+            return ctx.skip(node, "the affine before this conv is not along its input channels")
         reason = folds.why_not_affine_then_conv(read.affine, conv.spec)
         if reason:
             return ctx.skip(node, reason)

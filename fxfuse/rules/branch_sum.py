@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx
@@ -18,7 +18,7 @@ from torch import Tensor, fx
 from ..ir import folds
 from ..ir.algebra import ConvSpec
 from ..ir.ops import returns_fresh_storage
-from ..ir.read import ConvRead
+from ..ir.read import ConvRead, LinearRead
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
@@ -79,18 +79,26 @@ def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, sh
     read = ctx.read.as_conv(term)
     if (isinstance(read, ConvRead) and read.kind != "conv_transpose" and ctx.single_user(term) in chain
             and term.op != "placeholder"):
-        return Branch(read.input, folds.scale_conv(read.spec, coef), read.kind == "conv", read.like, term, coef)
+        source, spec = read.input, read.spec
+        crop = ctx.read.crop(source)
+        if crop is not None and ctx.single_user(source) is term:
+            reason = folds.why_not_uncrop(spec, crop[1])
+            if reason is None:  # a crop before the conv: the branch reads the uncropped tensor
+                source, spec = crop[0], folds.uncrop(spec, crop[1])
+            else:
+                ctx.skip(term, reason)
+        return Branch(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef)
     spec = folds.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
     return Branch(term, folds.scale_conv(spec, coef), False, None, None, coef)
 
 
 @register_rule("branch_sum")
 def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
-    """Merge the terms of a sum that read the same input into one conv."""
+    """Merge the terms of a sum that read the same input into one conv (or one linear layer)."""
     if ctx.read.sum(node) is None:
         return None
     shape = ctx.shape(node)
-    if shape is None or len(shape) < 3:
+    if shape is None or len(shape) < 2:
         return None
     user = ctx.single_user(node)
     if user is not None and ctx.read.sum(user) is not None and ctx.shape(user) == shape:
@@ -100,11 +108,12 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None
     terms, inner = flat
     chain = {node, *inner}
+    linear_merges, terms = _merge_linears(ctx, terms, chain, shape)
 
     groups: Dict[fx.Node, List[Branch]] = {}
     others: List[Tuple[float, fx.Node]] = []
     for coef, term in terms:
-        if ctx.shape(term) != shape:
+        if ctx.shape(term) != shape or len(shape) < 3:
             others.append((coef, term))  # broadcasting term: not a branch
             continue
         b = _read_branch(ctx, coef, term, chain, shape)
@@ -145,13 +154,16 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
                 continue
             like = next(b.like for b in part if b.is_conv)
             merges.append((merged, source, like, part))
-    if not merges:
+    if not merges and not linear_merges:
         return None
 
     def rewrite() -> None:
         pieces: List[Tuple[float, fx.Node]] = []
         consumed: List[fx.Node] = list(inner)
-        for i, (spec, source, like, part) in enumerate(merges):
+        for weight, bias, source, like, nodes in linear_merges:
+            pieces.append((1.0, ctx.insert_linear(weight, bias, source, before=node, like=like, name=node.name)))
+            consumed.extend(nodes)
+        for _i, (spec, source, like, part) in enumerate(merges):
             pieces.append((1.0, ctx.insert_conv(spec, source, before=node, like=like, name=node.name)))
             consumed.extend(b.node for b in part if b.node is not None)
         for b in leftovers:
@@ -166,6 +178,32 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             ctx.erase_unused(n)
 
     return rewrite
+
+
+LinearMerge = Tuple[Tensor, Tensor, fx.Node, Optional[Tensor], List[fx.Node]]
+
+
+def _merge_linears(ctx: RewriteContext, terms: List[Tuple[float, fx.Node]], chain: set,
+                   shape: Sequence[int]) -> Tuple[List[LinearMerge], List[Tuple[float, fx.Node]]]:
+    """Linear terms on one input with one weight shape: ``Σ c_i·(x W_iᵀ + b_i) = x (Σ c_i W_i)ᵀ + Σ c_i b_i``
+    (two heads averaged, ``(head(x) + head_dist(x)) / 2``, the division then folds as a scalar affine)."""
+    by_input: Dict[tuple, List[Tuple[float, fx.Node, LinearRead]]] = {}
+    rest: List[Tuple[float, fx.Node]] = []
+    for coef, term in terms:
+        read = ctx.read.linear(term) if term.op != "placeholder" else None
+        if read is None or ctx.shape(term) != shape or ctx.single_user(term) not in chain:
+            rest.append((coef, term))
+            continue
+        by_input.setdefault((read.input, tuple(read.weight.shape)), []).append((coef, term, read))
+    merges: List[LinearMerge] = []
+    for members in by_input.values():
+        if len(members) < 2:
+            rest.extend((coef, term) for coef, term, _ in members)
+            continue
+        weight = torch.stack([c * r.weight for c, _, r in members]).sum(0)
+        bias = torch.stack([c * r.bias for c, _, r in members]).sum(0)
+        merges.append((weight, bias, members[0][2].input, members[0][2].like, [t for _, t, _ in members]))
+    return merges, rest
 
 
 def _emit_sum(ctx: RewriteContext, pieces: List[Tuple[float, fx.Node]], before: fx.Node) -> fx.Node:

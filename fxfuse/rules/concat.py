@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import torch
 from torch import fx
 
 from ..ir import folds
-from ..ir.read import ConvRead, arg
+from ..ir.read import ConvRead
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -22,13 +21,13 @@ def _key(read: ConvRead) -> tuple:
 @register_rule("concat")
 def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Stack sibling convs that feed one channel concat."""
-    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+    cat = ctx.read.cat(node)
+    if cat is None:
         return None
-    tensors = arg(node, 0, "tensors")
+    tensors, dim = cat
     shape = ctx.shape(node)
     if not isinstance(tensors, (list, tuple)) or shape is None or len(shape) < 3:
         return None
-    dim = arg(node, 1, "dim", 0)
     if not isinstance(dim, int) or dim % len(shape) != 1:
         return None
     reads: List[Optional[ConvRead]] = []
@@ -52,7 +51,7 @@ def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
 
     def rewrite() -> None:
         new_args: list = []
-        consumed = []
+        consumed: List[fx.Node] = []
         pos = 0
         for start, stop in runs:
             new_args.extend(tensors[pos:start])

@@ -23,6 +23,10 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         if producer is not None and (isinstance(ctx.read.conv(producer), ConvRead) or ctx.read.linear(producer)):
             ctx.skip(node, read.reason)
         return None
+    if isinstance(read, AffineRead):
+        permuted = ctx.read.permute(read.input)
+        if permuted is not None:
+            return _through_permute(ctx, node, read, *permuted)
     if read is None:
         shape = ctx.shape(node)
         if shape is None or len(shape) < 3:
@@ -40,7 +44,7 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         if not isinstance(read, AffineRead) or read.kind == "batch_norm" and read.axis != read.ndim - 1:
             return ctx.skip(node, "affine is not along the linear layer's output features")
     if conv is not None and read.axis != 1:
-        return None
+        return ctx.skip(node, "the affine after this conv is not along its output channels")
     if ctx.single_user(producer) is not node:
         return ctx.skip(node, f"{producer.name} has other users besides this affine "
                               f"({', '.join(u.name for u in ctx.real_users(producer))})")
@@ -61,3 +65,32 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         ctx.replace(node, new, consumed=[producer])
 
     return rewrite_linear
+
+
+def _through_permute(ctx: RewriteContext, node: fx.Node, read: AffineRead, source: fx.Node,
+                     dims: tuple) -> Optional[Rewrite]:
+    """``affine(permute(layer(x)))`` where the affine's axis is the layer's channel axis before the permute
+    (channels-last Linear → ``permute(0, 3, 1, 2)`` → BatchNorm2d): fold into the layer, keep the permute."""
+    permute = read.input
+    axis = dims[read.axis]
+    conv = ctx.read.conv(source)
+    linear = ctx.read.linear(source) if conv is None else None
+    if isinstance(conv, ConvRead) and conv.kind == "conv" and axis == 1:
+        spec = folds.conv_then_affine(conv.spec, read.affine)
+    elif linear is not None and axis == len(dims) - 1:
+        weight, bias = folds.linear_then_affine(linear.weight, linear.bias, read.affine)
+    else:
+        return None
+    if ctx.single_user(permute) is not node or ctx.single_user(source) is not permute:
+        return ctx.skip(node, f"{source.name} → {permute.name} has other users besides this affine")
+
+    def rewrite() -> None:
+        if linear is not None:
+            new = ctx.insert_linear(weight, bias, linear.input, before=permute, like=linear.like, name=source.name)
+        else:
+            new = ctx.insert_conv(spec, conv.input, before=permute, like=conv.like, name=source.name)
+        new.meta = dict(source.meta)
+        permute.replace_input_with(source, new)
+        ctx.replace(node, permute, consumed=[source])
+
+    return rewrite

@@ -1,5 +1,10 @@
-"""Ops that compute nothing in eval mode — ``nn.Identity``, eval ``nn.Dropout*``, ``F.dropout(training=False)`` —
-are bypassed so that the patterns around them become adjacent (``conv(x) + Identity(x)`` is a RepVGG sum)."""
+"""Ops that compute nothing in eval mode are bypassed, so that the patterns around them become adjacent:
+
+* ``nn.Identity``, eval ``nn.Dropout*``, ``F.dropout(training=False)`` (``conv(x) + Identity(x)`` is a RepVGG sum);
+* arithmetic with a neutral Python number — ``0 + t``, ``t + 0``, ``t - 0``, ``1 * t``, ``t * 1``, ``t / 1`` (an
+  absent optional branch spelled ``out = 0 + bn(x)``) — when the result has ``t``'s shape and dtype and no user
+  writes into it in place (the result would then alias ``t``).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,55 @@ from typing import Optional
 
 from torch import fx, nn
 
-from ..ir.ops import DROPOUT_FUNCS, DROPOUT_MODULES
+from ..ir import ops
 from ..ir.read import arg
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
-@register_rule("remove_noop")
-def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
-    """Bypass identity and eval-mode dropout nodes."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
+_NEUTRAL = {"add": (0, 0), "sub": (None, 0), "mul": (1, 1), "div": (None, 1)}  # (as left operand, as right)
+
+
+def _neutral_operand(ctx: RewriteContext, node: fx.Node) -> Optional[fx.Node]:
+    """``t`` if ``node`` is ``t`` combined with a neutral number (see the module docstring), else None."""
+    parsed = ops.arithmetic(node)
+    if parsed is None or parsed[1] or len(node.args) != 2 or node.kwargs:
         return None
-    mod = ctx.read.module(node)
-    if isinstance(mod, nn.Identity) and len(node.args) == 1 and not node.kwargs:
-        pass
-    elif isinstance(mod, DROPOUT_MODULES) and not mod.training and len(node.args) == 1:
-        pass
-    elif node.op == "call_function" and node.target in DROPOUT_FUNCS and arg(node, 2, "training", True) is False:
-        pass
+    a, b = node.args
+    left, right = _NEUTRAL[parsed[0]]
+    if isinstance(b, fx.Node) and not isinstance(a, bool) and isinstance(a, (int, float)) and a == left \
+            and left is not None:
+        tensor = b
+    elif isinstance(a, fx.Node) and not isinstance(b, bool) and isinstance(b, (int, float)) and b == right:
+        tensor = a
     else:
         return None
-    source = node.args[0]
+    mine, theirs = node.meta.get("tensor_meta"), tensor.meta.get("tensor_meta")
+    if mine is None or theirs is None or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+        return None
+    if any(ops.writes_input(u, ctx.read.modules) for u in node.users):
+        return ctx.skip(node, "a user writes into the result in place; bypassing it would alias the operand")
+    return tensor
+
+
+@register_rule("remove_noop")
+def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
+    """Bypass identity, eval-mode dropout and neutral-number arithmetic nodes."""
+    mod = ctx.read.module(node)
+    first = node.args[0] if node.args else None
+    source: Optional[fx.Node] = None
+    if isinstance(first, fx.Node) and len(node.args) == 1 and not node.kwargs \
+            and (isinstance(mod, nn.Identity) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training)):
+        source = first
+    elif isinstance(first, fx.Node) and node.op == "call_function" and node.target in ops.DROPOUT_FUNCS \
+            and arg(node, 2, "training", True) is False:
+        source = first
+    else:
+        source = _neutral_operand(ctx, node)
+    if source is None:
+        return None
+    kept = source
 
     def rewrite() -> None:
-        node.replace_all_uses_with(source)
-        ctx.erase_if_dead(node)
+        node.replace_all_uses_with(kept)
+        ctx.erase_unused(node)  # a no-op, even where the op table calls it impure (F.dropout)
 
     return rewrite

@@ -12,7 +12,6 @@ Errors print one line ``fxfuse: error: ...`` and exit non-zero (``--traceback`` 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO, Tuple
@@ -146,24 +145,18 @@ def _build(spec: str, shape_text: Optional[str], weights: Optional[str]) -> Tupl
     try:
         with torch.no_grad():
             model(x)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise _CLIError(f"{spec!r} does not run on an input of shape {tuple(shape)}: {type(exc).__name__}: "
                         f"{first}") from None
     return loaded, model, shape
 
 
-def _rel_error(a: Any, b: Any) -> float:
-    import torch
-    from torch.utils._pytree import tree_leaves
+def _rel_error(reference: Any, actual: Any) -> float:
+    """Worst relative output error ``max|a - r| / max|r|`` (:func:`fxfuse.verify.compare`)."""
+    from ..verify import compare
 
-    la = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
-    lb = [t for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
-    if len(la) != len(lb) or not la:
-        return math.inf
-    err = max((x.double() - y.double()).abs().max().item() for x, y in zip(la, lb))
-    scale = max(y.double().abs().max().item() for y in lb)
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    return compare(reference, actual).max_rel
 
 
 def _reparametrize(model: Any, x: Any) -> Any:
@@ -219,14 +212,14 @@ def _cmd_fuse(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence
     if args.format == "pt2":
         try:
             ep = torch.export.export(fused, (x,))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _CLIError(f"torch.export.export failed on the fused model: {type(exc).__name__}: "
                             f"{_first_line(exc)}; try --format state_dict") from None
         torch.export.save(ep, str(path))
         with torch.no_grad():
             back = torch.export.load(str(path)).module()(x)
         print(f"saved torch.export program to {path} (torch.export.load round trip: max rel error "
-              f"{_rel_error(back, ref):.3g} vs the original)", file=out)
+              f"{_rel_error(ref, back):.3g} vs the original)", file=out)
     elif args.format == "state_dict":
         torch.save(fused.state_dict(), str(path))
         code_path = path.with_suffix(".py") if path.suffix != ".py" else path.with_suffix(".code.py")
@@ -271,15 +264,16 @@ def _export_onnx(fused: Any, x: Any, ref: Any, path: Path, out: TextIO, err: Tex
             warnings.simplefilter("ignore")
             torch.onnx.export(fused, (x,), str(path), dynamo=dynamo, input_names=["input"],
                               output_names=["output"])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _CLIError(f"torch.onnx.export failed: {type(exc).__name__}: {_first_line(exc)}") from None
     msg = f"saved ONNX model to {path}"
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-        msg += f" (onnxruntime check: max rel error {_rel_error([torch.from_numpy(g) for g in got], ref):.3g})"
+        got = [torch.from_numpy(g) for g in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
+        expected = list(ref) if isinstance(ref, (list, tuple)) else [ref]  # ONNX returns a flat list of outputs
+        msg += f" (onnxruntime check: max rel error {_rel_error(expected, got):.3g})"
     print(msg, file=out)
 
 
@@ -320,6 +314,11 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
         w("  (none)\n")
     if rep.rolled_back:
         w(f"rolled back by verification: {', '.join(rep.rolled_back)}\n")
+    if rep.weight_growth:  # quantization readiness: per-channel kernel range vs the main branch's (docs/expand.md)
+        top = max(rep.weight_growth, key=lambda g: g.max_growth)
+        w(f"weight range growth vs main-branch kernels: max {top.max_growth:.3g}x ({top.module})\n")
+        for g in (g for g in rep.weight_growth if g.outliers):
+            w(f"  {g.module}: outlier channels {list(g.outliers)} (median growth {g.median_growth:.3g}x)\n")
     if not rep.traced_whole:
         w("model did not trace as a whole; sub-modules:\n")
         for k, v in rep.submodules.items():
@@ -340,7 +339,7 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
     if args.graph:
         try:
             before_graph = str(trace(model).graph)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             before_graph = f"(does not trace as a whole: {type(exc).__name__}: {_first_line(exc)})"
         after_graph = str(fused.graph) if hasattr(fused, "graph") else str(fused)
         w("\ngraph before:\n" + before_graph + "\n\ngraph after:\n" + after_graph + "\n")
@@ -381,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=err)
         return 130
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --traceback
+    except Exception as exc:  # every failure becomes one line unless --traceback
         if args.traceback:
             raise
         from .model_source import SpecError

@@ -103,14 +103,14 @@ def load_model(spec: str) -> LoadedModel:
     spec = spec.strip()
     if not spec:
         raise SpecError("empty model spec")
-    if spec in models.names():
+    if spec in models.names() or (spec.endswith("-zoo") and spec[:-len("-zoo")] in models.names()):
         return LoadedModel(spec, "reference", models.build(spec), tuple(models.default_input_shape(spec)))
     if spec.startswith("torchvision:"):
         return _torchvision(spec, spec.split(":", 1)[1])
     if ":" in spec:
         return _callable(spec)
-    raise SpecError(f"unknown model spec {spec!r}: use a reference name ({', '.join(models.names())}), "
-                    "torchvision:NAME, or package.module:callable")
+    raise SpecError(f"unknown model spec {spec!r}: use a reference name ({', '.join(models.names())}; "
+                    "append -zoo for its model-zoo spelling), torchvision:NAME, or package.module:callable")
 
 
 def _torchvision(spec: str, name: str) -> LoadedModel:
@@ -125,7 +125,7 @@ def _torchvision(spec: str, name: str) -> LoadedModel:
         raise SpecError(f"unknown torchvision model {name!r}{hint}")
     try:
         model = torchvision.models.get_model(name, weights=None)
-    except Exception as exc:  # noqa: BLE001 - constructor failures become a one-line message
+    except Exception as exc:  # constructor failures become a one-line message
         raise SpecError(f"could not build torchvision model {name!r}: {type(exc).__name__}: {exc}") from None
     size = 299 if name == "inception_v3" else 224
     shape = (1, 3, size, size) if name in torchvision.models.list_models(torchvision.models) else None
@@ -138,7 +138,7 @@ def _callable(spec: str) -> LoadedModel:
         raise SpecError(f"bad model spec {spec!r}: expected package.module:callable")
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - ImportError or an error inside the module
+    except Exception as exc:  # ImportError or an error inside the module
         raise SpecError(f"cannot import {module_name!r} from spec {spec!r}: {type(exc).__name__}: {exc}") \
             from None
     for part in attr_path.split("."):
@@ -150,7 +150,7 @@ def _callable(spec: str) -> LoadedModel:
     elif callable(obj):
         try:
             model = obj()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SpecError(f"calling {spec!r} failed: {type(exc).__name__}: {exc}") from None
         if not isinstance(model, nn.Module):
             raise SpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -188,7 +188,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise SpecError(f"checkpoint {str(path)!r} not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors, corrupt files
+    except Exception as exc:  # unpickling errors, corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SpecError(f"cannot read checkpoint {str(path)!r} with torch.load(weights_only=True): "
                         f"{type(exc).__name__}: {first}") from None

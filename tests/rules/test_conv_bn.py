@@ -1,4 +1,5 @@
-"""conv / conv-transpose / linear → BN or per-channel constant affine (rule ``conv_bn``)."""
+"""Rule ``conv_bn``: conv / conv-transpose / linear → BN or per-channel constant affine ⇒ one layer
+(docs/patterns.md, `conv_bn`)."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import fuse_and_check, fused_counts, reasons, stats
+from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
+                      stats)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -36,6 +38,7 @@ def conv_bn_case(draw, transposed=False):
     return model, torch.randn(batch, cin, *([size] * ndim))
 
 
+# ----------------------------------------------------------------------------------------- fused
 @given(conv_bn_case())
 def test_conv_bn_any_geometry(case):
     model, x = case
@@ -49,8 +52,16 @@ def test_conv_transpose_bn_grouped(case):
     model, x = case
     fused = fuse_and_check(model, x)
     assert stats(fused).convs == 1 and stats(fused).batch_norms == 0
+    assert fused_counts(fused) == {"conv_bn": 1}
     assert isinstance(next(m for m in fused.modules() if isinstance(m, nn.modules.conv._ConvNd)),
                       nn.modules.conv._ConvTransposeNd)
+
+
+def test_grouped_transposed_conv_scales_its_own_output_channels():
+    """groups=2, C_in=4, C_out=6: the output channel of weight ``W[i, j]`` is ``group(i)·3 + j``."""
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2), nn.BatchNorm2d(6))
+    fused = fuse_and_check(model, torch.randn(2, 4, 5, 5))
+    assert fused_counts(fused) == {"conv_bn": 1} and stats(fused).batch_norms == 0
 
 
 class FunctionalConvBN(nn.Module):
@@ -74,7 +85,7 @@ class FunctionalConvBN(nn.Module):
 
 def test_functional_conv_bn_with_shape_assert():
     fused = fuse_and_check(FunctionalConvBN(), torch.randn(2, 4, 9, 9))
-    assert fused_counts(fused) == {"conv_bn": 1}
+    assert fused_counts(fused)["conv_bn"] == 1
     assert stats(fused).batch_norms == 0 and stats(fused).convs == 1
 
 
@@ -120,29 +131,6 @@ def test_linear_then_per_feature_scale_on_3d_output():
     assert fused_counts(fused) == {"conv_bn": 1}
 
 
-# ----------------------------------------------------------------------------- must NOT fold
-def test_bn_without_running_stats_is_not_folded():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
-    fused = fuse_and_check(model, torch.randn(3, 3, 6, 6))
-    assert stats(fused).batch_norms == 1 and not fused_counts(fused)
-    assert "running statistics" in reasons(fused)
-
-
-class ConvOutputAlsoReturned(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.bn(y), y  # the pre-BN feature map is a second output
-
-
-def test_conv_with_other_user_is_not_folded():
-    fused = fuse_and_check(ConvOutputAlsoReturned(), torch.randn(2, 3, 7, 7))
-    assert stats(fused).batch_norms == 1 and "other users" in reasons(fused)
-
-
 class SharedConv(nn.Module):
     """One conv module called at two sites, each followed by its own BN."""
 
@@ -156,78 +144,10 @@ class SharedConv(nn.Module):
 
 
 def test_shared_conv_gets_a_copy_per_call_site():
-    model = SharedConv()
-    original_weight = model.conv.weight.detach().clone()
-    fused = fuse_and_check(model, torch.randn(2, 4, 6, 6))
+    fused = fuse_and_check(SharedConv(), torch.randn(2, 4, 6, 6))
     assert fused_counts(fused) == {"conv_bn": 2} and stats(fused).batch_norms == 0
-    assert torch.equal(model.conv.weight.detach(), original_weight.double())
     convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2 and not torch.equal(convs[0].weight, convs[1].weight)
-
-
-def test_training_mode_functional_bn_is_not_folded():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-
-        def forward(self, x):
-            return F.batch_norm(self.conv(x), None, None, training=True)
-
-    fused = fuse_and_check(M(), torch.randn(4, 3, 5, 5))
-    assert stats(fused).batch_norms == 1 and "batch statistics" in reasons(fused)
-
-
-def test_broadcasting_constant_is_not_a_per_channel_affine():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.register_buffer("pos", torch.randn(1, 1, 5, 5))  # varies over space: not per channel
-
-        def forward(self, x):
-            return self.conv(x) + self.pos
-
-    fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
-    assert not fused_counts(fused)
-
-
-def test_error_unknown_rule_name():
-    with pytest.raises(ValueError, match="unknown rule"):
-        fuse_and_check(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), torch.randn(1, 1, 2, 2),
-                       disable=["no_such_rule"])
-
-
-def test_module_with_forward_hook_is_opaque():
-    """A hook can change what the module returns: such a module is not read as a plain conv."""
-    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    hooked[0].register_forward_hook(lambda m, i, o: o * 3)
-    fused = fuse_and_check(hooked, torch.randn(1, 3, 6, 6))
-    assert stats(fused).batch_norms == 1 and not fused_counts(fused)
-
-
-class TokenMLP(nn.Module):
-    """Linear on [B, T, C] normalized through views: bn(y.flatten(0, 1)).reshape_as(y)."""
-
-    def __init__(self, mix_axes=False):
-        super().__init__()
-        self.fc, self.bn, self.mix_axes = nn.Linear(6, 4), nn.BatchNorm1d(4 if not mix_axes else 3), mix_axes
-
-    def forward(self, x):
-        y = self.fc(x)
-        if self.mix_axes:  # [B, T=3, C=4] viewed as [B*4, 3]: BN over the wrong axis, not per feature
-            return self.bn(y.transpose(1, 2).reshape(-1, 3)).reshape(y.shape[0], 4, 3)
-        return self.bn(y.flatten(0, 1)).reshape_as(y)
-
-
-def test_bn_through_views_after_linear():
-    fused = fuse_and_check(TokenMLP(), torch.randn(2, 3, 6), second=torch.randn(5, 3, 6))
-    assert fused_counts(fused) == {"linear_view_bn": 1} and stats(fused).nodes == 1
-
-
-def test_bn_through_axis_mixing_views_stays():
-    fused = fuse_and_check(TokenMLP(mix_axes=True), torch.randn(2, 3, 6))
-    assert stats(fused).batch_norms == 1
 
 
 def test_sync_batchnorm_in_eval_folds():
@@ -257,7 +177,100 @@ class TiedWeights(nn.Module):
 
 
 def test_tied_parameters_are_copied_not_mutated():
-    model = TiedWeights()
-    fused = fuse_and_check(model, torch.randn(2, 3, 5, 5))
-    assert model.a.weight is model.b.weight  # the input model keeps its tie
+    import fxfuse
+
+    model = TiedWeights().double().eval()
+    fused = fuse_and_check(model, torch.randn(2, 3, 5, 5))  # equal, and the checker's copy left untouched
     assert fused_counts(fused)["conv_bn"] == 2 and stats(fused).batch_norms == 0
+    fxfuse.reparametrize(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    assert model.a.weight is model.b.weight  # the input model keeps its tie
+
+
+# ----------------------------------------------------------------------------------- must NOT fold
+def test_bn_without_running_stats_is_not_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    fused = fuse_and_check(model, torch.randn(3, 3, 6, 6))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "conv_bn", "running statistics")
+
+
+class ConvOutputAlsoReturned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y), y  # the pre-BN feature map is a second output
+
+
+def test_conv_with_other_user_is_not_folded():
+    fused = fuse_and_check(ConvOutputAlsoReturned(), torch.randn(2, 3, 7, 7))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "conv_bn", "other users")
+
+
+def test_training_mode_functional_bn_is_not_folded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), None, None, training=True)
+
+    fused = fuse_and_check(M(), torch.randn(4, 3, 5, 5))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "conv_bn", "batch statistics")
+
+
+def test_broadcasting_constant_is_not_a_per_channel_affine():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.register_buffer("pos", torch.randn(1, 1, 5, 5))  # varies over space: not per channel
+
+        def forward(self, x):
+            return self.conv(x) + self.pos
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
+    assert_not_fired(fused, "conv_bn")
+    assert stats(fused).adds == 1
+
+
+def test_module_with_forward_hook_is_opaque():
+    """A hook can change what the module returns: such a module is not read as a plain conv."""
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda m, i, o: o * 3)
+    fused = fuse_and_check(hooked, torch.randn(1, 3, 6, 6), capture="symbolic")  # export runs the hook
+    assert stats(fused).batch_norms == 1
+    assert_not_fired(fused, "conv_bn")
+
+
+def test_scale_along_a_non_channel_axis_is_not_folded():
+    """``conv(x) * c`` with ``c`` of shape ``[W]`` scales columns, not channels."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 1)
+            self.register_buffer("c", torch.randn(5))
+
+        def forward(self, x):
+            return self.conv(x) * self.c
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
+    assert_skipped(fused, "conv_bn", "not along its output channels")
+
+
+# ---------------------------------------------------------------------------------------- errors
+def test_wrong_fold_is_rolled_back_and_fails_the_checker(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    fused = assert_wrong_rewrite_caught(monkeypatch, "conv_bn", model, torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 2
+
+
+def test_error_unknown_rule_name():
+    with pytest.raises(ValueError, match="unknown rule"):
+        fuse_and_check(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), torch.randn(1, 1, 2, 2),
+                       disable=["no_such_rule"])

@@ -1,0 +1,2 @@
+"""Benchmark and sweep scripts (not installed with fxfuse): ``python -m benchmarks.zoo`` (torchvision zoo sweep →
+docs/zoo.md), ``benchmarks/article_timer.py``, ``benchmarks/horizontal.py``. Run from the repository root."""

@@ -1,0 +1,131 @@
+"""The compile path: ``fxfuse.compile`` (re-parameterize, then ``torch.compile``) against ``torch.compile`` of the
+training-form model, with and without Inductor freezing; and the pass time of both captures.
+
+    .venv/bin/python benchmarks/compile_path.py [--model repvgg-A0] [--batch 1] [--threads 1]
+    .venv/bin/python benchmarks/compile_path.py --pass-time resnet50,resnet152
+
+Compile time is the wall time of the first call of the compiled model (cold: Inductor's on-disk caches are off,
+and a trivial function is compiled first so one-time start-up is billed to nobody); for ``fxfuse.compile`` the
+re-parameterization pass is timed separately and added. Run time: ``torch.utils.benchmark`` on ``--threads``
+threads, rounds interleaved across the variants, median of the per-round medians. Everything runs under
+``torch.no_grad()`` (freezing needs it). ``--pass-time`` times ``fxfuse.reparametrize(model, x,
+capture=..., verify=False)`` on torchvision models (best of ``--repeats``). Results go to docs/benchmarks.md and
+the issue's closing note by hand, with the command, ``lscpu`` model name and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+import torchvision
+from torch import nn
+
+import fxfuse
+from fxfuse import GraphStats
+from fxfuse.models import build, randomize_batchnorm_
+from fxfuse.testing import op_counts
+from fxfuse.tools.bench import cpu_model_name, interleaved_rounds, make_timer
+from fxfuse.tools.bench.timing import cold_inductor, warm_compiler
+
+
+def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        with torch.no_grad():
+            return fn(*args)
+    return call
+
+
+def _first_call(fn: Callable[..., Any], x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(x)
+    return time.perf_counter() - start
+
+
+def compile_path(model_name: str, batch: int, threads: int, rounds: int, min_run_time: float) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(build(model_name), 0).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    warm_compiler(torch.device("cpu"), torch.float32)
+
+    start = time.perf_counter()
+    fused = fxfuse.reparametrize(model, x)
+    pass_s = time.perf_counter() - start
+    counts = op_counts(fused)
+    print(f"fxfuse.reparametrize: {pass_s:.2f} s ({fused.fxfuse_report.capture}); convs {counts['conv']}, "
+          f"batch_norms {counts['batch_norm']}")
+
+    variants: Dict[str, Tuple[Callable[..., Any], float]] = {}
+    variants["eager original"] = (model, 0.0)
+    variants["eager fxfuse"] = (fused, pass_s)
+    for label, options in (("", None), (" + freezing", {"freezing": True})):
+        kwargs = {"options": options} if options else {}
+        with cold_inductor():  # each variant compiles its own copy of the model
+            compiled = torch.compile(copy.deepcopy(model), **kwargs)
+            variants[f"torch.compile(original){label}"] = (compiled, _first_call(compiled, x))
+            start = time.perf_counter()
+            fx_compiled = fxfuse.compile(copy.deepcopy(model), x, **kwargs)
+            fx_pass = time.perf_counter() - start
+            variants[f"fxfuse.compile{label}"] = (fx_compiled, fx_pass + _first_call(fx_compiled, x))
+    for fn, _ in variants.values():  # steady state before timing
+        _first_call(fn, x)
+    timers = {name: make_timer(_no_grad(fn), (x,), threads) for name, (fn, _) in variants.items()}
+    results = interleaved_rounds(timers, rounds, min_run_time)
+    base = None
+    print(f"\n# {model_name}, batch {batch}, {threads} thread(s); torch {torch.__version__}; {cpu_model_name()}; "
+          f"{datetime.date.today().isoformat()}")
+    print("| variant | compile / pass time (s) | run time (ms, median) | vs torch.compile(original) |")
+    print("|---|---|---|---|")
+    medians = {name: statistics.median(m.median for m in ms) * 1e3 for name, ms in results.items()}
+    base = medians["torch.compile(original)"]
+    for name, (_, setup_s) in variants.items():
+        print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {base / medians[name]:.2f}x |")
+
+
+def pass_time(names: List[str], repeats: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"\n# pass time, verify=False, batch 1, 224x224; torch {torch.__version__}; {cpu_model_name()}; "
+          f"{datetime.date.today().isoformat()}")
+    print(f"| model | capture | pass time (s, best of {repeats}) | convs | BNs | capture note |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        torch.manual_seed(0)
+        model: nn.Module = randomize_batchnorm_(torchvision.models.get_model(name, weights=None), 0).eval()
+        x = torch.randn(1, 3, 224, 224)
+        for capture in ("symbolic", "export"):
+            times = []
+            fused = None
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fused = fxfuse.reparametrize(model, x, capture=capture, verify=False)
+                times.append(time.perf_counter() - start)
+            stats = GraphStats.of(fused)
+            note = fused.fxfuse_report.capture_reason.split(";")[-1].strip()
+            print(f"| {name} | {capture} | {min(times):.2f} | {stats.convs} | {stats.batch_norms} | {note} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="repvgg-A0")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--pass-time", default="", help="comma-separated torchvision models: time both captures")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.pass_time:
+        pass_time(args.pass_time.split(","), args.repeats, args.threads)
+    else:
+        compile_path(args.model, args.batch, args.threads, args.rounds, args.min_run_time)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""docs/zoo.md: the summary, the per-model table, the details of models with BatchNorms left, fallbacks and
+refusals, and the pass-speed section."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torchvision
+
+from fxfuse.tools.bench import cpu_model_name
+
+from .checks import FLOAT32_RTOL, RTOL, ZooRow, fmt_err
+
+
+def machine(threads: bool = True) -> str:
+    """CPU model and core count (and torch threads), torch / torchvision / Python versions."""
+    return (f"{cpu_model_name()} ({os.cpu_count()} cores)"
+            f"{f', {torch.get_num_threads()} torch threads' if threads else ''}; "
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
+
+
+def _short(text: str, limit: int = 140) -> str:
+    """First sentence-ish of a long message (fx trace errors run to several lines)."""
+    text = text.replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def err_text(r: ZooRow) -> str:
+    if not r.float32_reason:
+        probe = "" if math.isnan(r.conditioning) or r.status == "refused" else \
+            f" (weights × (1 + 1e-15): {fmt_err(r.conditioning)})"
+        return fmt_err(r.max_rel_error) + probe
+    return f"{fmt_err(r.max_rel_error)} (float32); sub-modules in float64: {fmt_err(r.max_rel_error_f64)}"
+
+
+def _fmt_speed(r: ZooRow) -> str:
+    if math.isnan(r.speed_ratio):
+        return "—"
+    return f"{r.speed_ratio:.2f} ({r.speed_min:.2f}–{r.speed_max:.2f})"
+
+
+def ratio_text(r: float) -> str:
+    return "—" if math.isnan(r) else f"{r:.2f}"
+
+
+def status_text(row: ZooRow) -> str:
+    if row.status == "fallback":
+        return f"fallback ({row.detail})"
+    if row.status == "refused":
+        probe = ""
+        if not math.isnan(row.conditioning):
+            probe = (f" (ill-conditioned: scaling every weight by 1 + 1e-15 alters the output by "
+                     f"{fmt_err(row.conditioning)})" if row.conditioning > RTOL
+                     else f" (weight-perturbation probe: {fmt_err(row.conditioning)})")
+        return f"refused: {row.detail}{probe}"
+    if row.status == "FAIL":
+        return "**FAIL**: " + "; ".join(row.failures)
+    return row.status
+
+
+def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, Any]]) -> str:
+    lines = [header, ""]
+    n_ok = sum(r.status == "ok" for r in rows)
+    n_fb = sum(r.status == "fallback" for r in rows)
+    n_ref = sum(r.status == "refused" for r in rows)
+    n_fail = sum(r.status == "FAIL" for r in rows)
+    lines.append(f"**{len(rows)} models: {n_ok} ok (traced whole), {n_fb} fallback (sub-modules rewritten), "
+                 f"{n_ref} refused, {n_fail} failed.**")
+    lines.append("")
+    for title, pick in (
+            ("Refused (FusionError)", lambda r: r.status == "refused"),
+            ("Failed", lambda r: r.status == "FAIL"),
+            ("Fallback (did not trace as a whole)", lambda r: r.status == "fallback"),
+            ("BatchNorms left after the pass", lambda r: r.batch_norms[1] > 0),
+            ("Checked in float32 (cannot run in float64)", lambda r: bool(r.float32_reason))):
+        picked = [r for r in rows if pick(r)]
+        if picked:
+            lines.append(f"- {title}: " + ", ".join(
+                f"{r.name}" + (f" ({r.batch_norms[1]} left)" if "BatchNorms" in title else "") for r in picked))
+    lines.append("")
+    lines.append("Columns: convs / BNs executed on the example input before → after (counted at run time, "
+                 "module and functional calls); fused rewrites (by rule); pass time of `reparametrize` on the "
+                 "float64 model with `verify=True`; max relative error (float64, max over both batch sizes of "
+                 "`max|Δ| / max|ref|` per output); CPU speed ratio original / fused in float32 at batch 1 "
+                 "(>1: fused is faster), median (min–max) of paired rounds; status.")
+    lines.append("")
+    lines.append("| model | kind | input | convs | BNs | rewrites | pass s | max rel err | speed ×"
+                 " | status |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rules = ", ".join(f"{k} {v}" for k, v in sorted(r.rewrites_by_rule.items()))
+        lines.append(f"| {r.name} | {r.kind} | {r.input} | {r.convs[0]} → {r.convs[1]} | "
+                     f"{r.batch_norms[0]} → {r.batch_norms[1]} | {r.rewrites}{f' ({rules})' if rules else ''} | "
+                     f"{r.pass_s:.2f} | {err_text(r)} | {_fmt_speed(r)} | {status_text(r)} |")
+    lines.append("")
+    remaining = [r for r in rows if r.batch_norms[1] > 0 or r.status in ("refused", "fallback", "FAIL")
+                 or r.untraced_bns or r.float32_reason]
+    if remaining:
+        lines.append("## Models with BatchNorms left, fallbacks and refusals")
+        lines.append("")
+        for r in remaining:
+            lines.append(f"### {r.name}: {status_text(r)}")
+            lines.append("")
+            if r.float32_reason:
+                lines.append(f"- runs in float32 only ({r.float32_reason}): the whole model is compared in "
+                             f"float32 (relative error {fmt_err(r.max_rel_error)}, limit {FLOAT32_RTOL:g}); each "
+                             "rewritten sub-module is reparametrized again in float64 on the inputs it received and "
+                             "must equal the float64 original (≤ 1e-9) and, rounded once, be the shipped one "
+                             "(same code, bit-identical parameters):")
+                for path, c in r.submodule_checks.items():
+                    detail = f"; {c.detail}" if c.detail else ""
+                    lines.append(f"  - `{path}`: float64 error {fmt_err(c.error)}, shipped = float64 rewrite "
+                                 f"rounded: {'yes' if c.same_as_shipped else 'NO'}{detail}")
+            if r.batch_norms[1]:
+                fed = ", ".join(f"{k}: {v}" for k, v in r.bn_left_inputs.items())
+                lines.append(f"- {r.batch_norms[1]} BatchNorm call(s) remain at run time"
+                             + (f"; in the rewritten graphs they read from {fed} (no conv/linear producer with a "
+                                "single user: cannot fold)" if fed else "") + ".")
+            if r.unfused_conv_bn:
+                lines.append(f"- conv → BN pairs left in parts the pass did not rewrite: {len(r.unfused_conv_bn)} "
+                             f"({', '.join(r.unfused_conv_bn[:3])}{', …' if len(r.unfused_conv_bn) > 3 else ''}).")
+            if r.untraced_bns:
+                lines.append(f"- BatchNorm modules run from untraced Python code (not in any fx graph): "
+                             f"{len(r.untraced_bns)} ({', '.join(r.untraced_bns[:6])}"
+                             f"{', …' if len(r.untraced_bns) > 6 else ''}).")
+            for u in r.unfused[:8]:
+                lines.append(f"- left unfused: {u}")
+            if len(r.unfused) > 8:
+                lines.append(f"- … {len(r.unfused) - 8} more unfused candidates")
+            for path, why in r.submodules.items():
+                lines.append(f"- `{path}`: {_short(why)}")
+            lines.append("")
+    if speed_info:
+        lines.append(render_pass_speed(speed_info))
+    return "\n".join(lines) + "\n"
+
+
+def render_pass_speed(info: Dict[str, Any]) -> str:
+    nodes, limit = info["nodes"], 1.2 * info["node_ratio"]
+    lines = [
+        "## Pass speed on a big graph",
+        "",
+        f"`reparametrize(model, x, verify=False)`, float32 model, x = 1x3x64x64; median (min–max) of "
+        f"{info['repeats']} runs after one warm-up, resnet50 and resnet152 alternating. Command "
+        f"`{info['command']}`; {info['machine']}; {info['date']}; load average "
+        f"{info['load_before'][0]:.1f} before, {info['load_after'][0]:.1f} after (the machine is shared).",
+        "",
+        "| torch threads | resnet50 pass s | resnet152 pass s | time ratio 152/50 | node ratio 152/50 "
+        "| linear (ratio ≤ 1.2 × node ratio) | resnet152 ≤ 1.0 s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, run in info["runs"].items():
+        r50, r152 = run["resnet50"], run["resnet152"]
+        ratio = r152["median_s"] / r50["median_s"]
+        lines.append(
+            f"| {n} | {r50['median_s']:.3f} ({r50['min_s']:.3f}–{r50['max_s']:.3f}) | {r152['median_s']:.3f} "
+            f"({r152['min_s']:.3f}–{r152['max_s']:.3f}) | {ratio:.2f} | {info['node_ratio']:.2f} "
+            f"({nodes['resnet152']}/{nodes['resnet50']}) | {'yes' if ratio <= limit else 'NO'} ({limit:.2f}) | "
+            f"{'yes' if r152['median_s'] <= 1.0 else 'NO'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def header(command: str, date: str, min_run_time: float) -> str:
+    """The top of docs/zoo.md: how it was generated and what a row checks."""
+    return "\n".join([
+        "# fxfuse on the torchvision model zoo",
+        "",
+        f"Generated by `{command.strip()}` on {machine()}, {date}.",
+        "",
+        "Every model of `torchvision.models.list_models()` is built with `weights=None` (and "
+        "`weights_backbone=None`; `quantize=False` for the `quantized_*` entries), its BatchNorm statistics "
+        "randomized (`fxfuse.models.randomize_batchnorm_`, seed 0), in eval mode, cast to float64, and passed to "
+        "`fxfuse.reparametrize(model, x)` (`verify=True`). Inputs are small (input column; detection takes a list "
+        "of `[3, H, W]` images, RAFT a pair of frames); the second check input has another batch size. "
+        "A row passes when the outputs are equal (relative error ≤ 1e-9 of max-abs per output, on both inputs), "
+        "`verify=True` accepted the result, no BatchNorm is left whose input is a conv/linear with no other real "
+        "user (in every fx graph of the result, and in the largest traceable ancestor of any BatchNorm the pass "
+        "left as Python), and the input model's `state_dict` is bit-identical afterwards (SHA-256 per entry). "
+        "RAFT cannot run in float64 (torchvision builds its coordinate grid in float32), so it is checked in "
+        "float32 and its rewritten sub-modules in float64 (see below). Speed: float32, batch 1, one torch thread "
+        "(robust on this shared 2-core machine), `torch.utils.benchmark.Timer.blocked_autorange(min_run_time="
+        f"{min_run_time})`, original and fused alternating over 7 rounds in one process; the column gives "
+        "the median (min–max) of the 7 paired ratios original / fused (>1: fused is faster).",
+    ])

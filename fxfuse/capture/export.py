@@ -1,0 +1,182 @@
+"""Export front end: ``torch.export.export(strict=False)`` → a functional ATen ``GraphModule`` the rules rewrite.
+
+Captured whole where symbolic tracing stops: item assignment (``out[:, :, :p] = v``), ``int()`` / ``.size()``
+unpacking, branches on shapes or devices, shape-keyed caches — export runs the Python and records the ATen ops.
+
+The program is functionalized without decomposing (``ep.run_decompositions({})``, skipped when nothing is written
+in place): writes into views become
+``slice_scatter`` nodes, so every data dependency is a graph edge and a rule can never miss a mutation, while
+ops stay at the level the readers know (``aten.conv2d``, ``aten.linear``, ``aten.pad``; eval BatchNorm becomes
+``_native_batch_norm_legit_no_training`` + ``getitem``). The core-ATen decompositions are not run: they would
+split ``linear`` into ``permute`` + ``addmm`` and ``conv2d`` into ``convolution`` and hand back a larger graph
+for no gain (the readers read those spellings too, for programs users export themselves). See
+docs/patterns.md, "ATen graphs (capture="export")".
+
+``ep.module()`` gives a ``GraphModule`` whose parameters and buffers are ``get_attr`` nodes holding the model's own
+tensors (so :class:`fxfuse.ir.read.Constants` evaluates parameter-only sub-graphs), with the model's calling
+convention (pytree in/out specs). The batch dimension is dynamic by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ..ir.ops import OpOverload
+
+__all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "fresh_copy", "graph_of", "dynamic_shapes_of",
+           "to_exported_program"]
+
+
+@dataclass
+class ExportCapture:
+    """A captured program: ``gm`` is the pristine graph (rewrites work on :func:`fresh_copy` of it), ``dynamic``
+    says which dims are dynamic (or why none is), ``seconds`` the capture time."""
+
+    gm: fx.GraphModule
+    dynamic: str
+    seconds: float
+
+
+def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Tuple[Any, Tuple[Any, ...]]:
+    """``(dynamic_shapes, trace_args)`` marking dim 0 of every tensor input whose dim 0 equals the first tensor
+    input's as one shared dynamic ``batch`` dim. Export specializes a dim whose example size is 0 or 1, so a
+    batch of 1 is traced on inputs repeated to batch 2 (export only traces; no values are computed from them)."""
+    tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0]
+    if not tensors:
+        return None, args
+    n = tensors[0].shape[0]
+    batch = torch.export.Dim("batch")
+
+    def spec(t: Any) -> Any:
+        return {0: batch} if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None
+
+    def widen(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n and n == 1:
+            return torch.cat([t, t])
+        return t
+
+    shapes = tuple(tree_map(spec, a) if isinstance(a, (tuple, list, dict)) else spec(a) for a in args)
+    return shapes, tuple(tree_map(widen, args))
+
+
+def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The functional, unlifted graph of ``ep`` (parameters and buffers as ``get_attr``; the calling convention
+    of the exported module). Functionalization (``run_decompositions({})``, 2-3x the export time) runs only when
+    the program writes in place somewhere; a program without a mutating op is functional already."""
+    if any(node.op == "call_function" and isinstance(node.target, OpOverload) and node.target._schema.is_mutable
+           for node in ep.graph.nodes):
+        ep = ep.run_decompositions({})
+    return fresh_copy(ep.module())
+
+
+def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters and sub-modules (rewrites add
+    new modules and never mutate existing tensors, so each rewrite attempt starts from the captured graph)."""
+    graph = fx.Graph()
+    copied: Any = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    value, out_node = copied
+    graph.output(value, type_expr=out_node.type)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    return fx.GraphModule(gm, graph, "ExportedGraph")
+
+
+def capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any = None,
+            faithful: Optional[Callable[[fx.GraphModule], bool]] = None) -> ExportCapture:
+    """Export ``module`` on ``args`` (non-strict), functionalize, unlift. With ``dynamic_shapes=None`` the batch
+    dim is dynamic (:func:`batch_dynamic_shapes`); if export refuses that (the code specializes the batch size)
+    or the dynamic graph does not reproduce the model on ``args`` (``faithful``), it is exported with static
+    shapes and ``dynamic`` says why. A user's ``dynamic_shapes`` is passed to ``torch.export`` as is."""
+    with warnings.catch_warnings():
+        # Tensor attributes a forward assigns (caches, grids) are put back by the caller (fxfuse.capture.state)
+        warnings.filterwarnings("ignore", message="The tensor attributes? .* assigned during export")
+        return _capture(module, args, dynamic_shapes, faithful)
+
+
+def _capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any,
+             faithful: Optional[Callable[[fx.GraphModule], bool]]) -> ExportCapture:
+    start = time.perf_counter()
+    if dynamic_shapes is not None:
+        ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic_shapes)
+        return ExportCapture(graph_of(ep), "as given by dynamic_shapes", time.perf_counter() - start)
+    shapes, trace_args = batch_dynamic_shapes(args)
+    why_static = "no tensor input"
+    if shapes is not None:
+        try:
+            ep = torch.export.export(module, trace_args, strict=False, dynamic_shapes=shapes)
+            gm = graph_of(ep)
+            if faithful is None or faithful(gm):
+                return ExportCapture(gm, "batch (dim 0 of the inputs) dynamic", time.perf_counter() - start)
+            why_static = "the graph exported with a dynamic batch differs from the model on the example input"
+        except Exception as exc:  # e.g. the code specializes the batch size: export it static
+            why_static = f"dynamic batch refused by torch.export ({type(exc).__name__}: " \
+                         f"{_first_line(exc, 160)})"
+    ep = torch.export.export(module, args, strict=False)
+    return ExportCapture(graph_of(ep), f"static shapes: {why_static}", time.perf_counter() - start)
+
+
+def dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
+    """The ``dynamic_shapes`` that re-export a module with ``ep``'s signature: one ``Dim`` per symbol of ``ep``'s
+    user inputs, with ``ep.range_constraints``' range; ``None`` when every shape is static."""
+    dims: Dict[str, Any] = {}
+    specs = []
+    any_dynamic = False
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in _user_input_names(ep):
+            continue
+        val = node.meta.get("val")
+        spec: Optional[Dict[int, Any]] = None
+        if isinstance(val, Tensor):
+            for i, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt):
+                    name = str(s)
+                    if name not in dims:
+                        vr = ep.range_constraints.get(s.node.expr)
+                        lower = _finite_int(vr.lower) if vr is not None else None
+                        upper = _finite_int(vr.upper) if vr is not None else None
+                        kwargs = {k: v for k, v in (("min", lower), ("max", upper)) if v is not None}
+                        dims[name] = torch.export.Dim(f"d_{name}", **kwargs)
+                    spec = spec or {}
+                    spec[i] = dims[name]
+                    any_dynamic = True
+        specs.append(spec)
+    if not any_dynamic:
+        return None
+    args_spec = ep.call_spec.in_spec
+    flat_count = args_spec.num_leaves if args_spec is not None else len(specs)
+    if flat_count != len(specs):
+        return None
+    # Rebuild the (args, kwargs) structure of the exported call with the per-leaf specs.
+    args_part, kwargs_part = torch.utils._pytree.tree_unflatten(specs, args_spec)
+    return None if kwargs_part else tuple(args_part)
+
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (for reports)."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
+def _finite_int(bound: Any) -> Optional[int]:
+    """A range bound as an int, or None for an infinite one."""
+    try:
+        value = int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+    return value if abs(value) < 2**62 else None
+
+
+def _user_input_names(ep: torch.export.ExportedProgram) -> set:
+    return set(ep.graph_signature.user_inputs)
+
+
+def to_exported_program(module: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None,
+                        dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """Export a (fused) module again: the program users get back from ``fxfuse.reparametrize(ep)``."""
+    return torch.export.export(module, tuple(args), kwargs or None, strict=False, dynamic_shapes=dynamic_shapes)

@@ -1,0 +1,26 @@
+"""ACNet (Ding et al., arXiv 1908.03930): ``BN(kxk) + BN(1xk) + BN(kx1)``, the asymmetric kernels on the square
+kernel's centre row / column. Only kernels larger than 1 on both axes get them (for a 1xk or 1x1 conv the
+"asymmetric" kernels would duplicate the main one or be a 1x1)."""
+
+from __future__ import annotations
+
+from typing import List
+
+from ..scheme import Branch, Geometry, Plan, register_scheme
+
+
+@register_scheme("acnet")
+def acnet(g: Geometry) -> Plan:
+    """kxk-BN + 1xk-BN + kx1-BN (kernels > 1 on both axes)."""
+    kh, kw = g.kernel_size
+    if kh == 1 or kw == 1:
+        return Plan(notes=(f"no asymmetric branches for a {kh}x{kw} kernel",))
+    branches: List[Branch] = []
+    notes: List[str] = []
+    for kernel in ((1, kw), (kh, 1)):
+        reason = g.why_not_aligned(kernel)
+        if reason is None:
+            branches.append(Branch("conv", kernel))
+        else:
+            notes.append(f"no {kernel[0]}x{kernel[1]} branch: {reason}")
+    return Plan(tuple(branches), notes=tuple(notes))

@@ -1,0 +1,275 @@
+"""Mutation check for the fold math, the rules and the checks around them (``make mutants``).
+
+Each mutant is one small source patch — a sign, an eps placement, a dropped group mapping, a skipped exactness
+condition — that a wrong implementation could plausibly contain. For each, this script copies the package and the
+tests to a temporary directory, applies the patch there (the working tree is never edited), and runs the mutant's
+relevant test files from the default suite with ``pytest -x -q``. A mutant is *killed* when a test fails; it
+*survives* when they all pass, which means the tests cannot tell the wrong code from the right one.
+
+Usage::
+
+    python tests/mutants.py                 # every mutant; exit status 1 if any survives
+    python tests/mutants.py NAME [NAME …]   # only these
+    python tests/mutants.py --list          # names, files and what each breaks
+
+Not collected by pytest (the file name does not start with ``test_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("fxfuse", "tests", "docs", "pyproject.toml", "README.md")
+
+KERNELS = "tests/test_kernels.py"
+RULES = "tests/rules"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file to patch, relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: Tuple[str, ...]  # test files / directories to run (default suite, in this order, -x)
+    what: str
+
+
+MUTANTS: Tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------------------------- fold math
+    Mutant("conv_then_affine_shift_sign", "fxfuse/ir/folds.py",
+           "bias=affine.scale * spec.bias + affine.shift)", "bias=affine.scale * spec.bias - affine.shift)",
+           (KERNELS, f"{RULES}/test_conv_bn.py"), "b' = a·b − c instead of a·b + c"),
+    Mutant("batchnorm_eps_outside_sqrt", "fxfuse/ir/folds.py",
+           "inv_std = torch.rsqrt(running_var + eps)", "inv_std = 1.0 / (torch.sqrt(running_var) + eps)",
+           (KERNELS, f"{RULES}/test_conv_bn.py"), "1/(σ + ε) instead of 1/sqrt(σ² + ε)"),
+    Mutant("affine_then_conv_drops_group_mapping", "fxfuse/ir/folds.py",
+           "idx = input_channel_index(w.shape[0], w.shape[1], spec.groups, w.device)",
+           "idx = input_channel_index(w.shape[0], w.shape[1], 1, w.device)",
+           (KERNELS, f"{RULES}/test_bn_conv.py"), "W[o, j] scaled by a[j] instead of a[group(o)·C_in/g + j]"),
+    Mutant("affine_then_conv_bias_mean_not_sum", "fxfuse/ir/folds.py",
+           "new_b = spec.bias + (taps_sum * affine.shift[idx]).sum(dim=1)",
+           "new_b = spec.bias + (taps_sum * affine.shift[idx]).mean(dim=1)",
+           (KERNELS, f"{RULES}/test_bn_conv.py"), "b' = b + mean_j (not Σ_j) of W·c"),
+    Mutant("conv_transpose_affine_on_input_axis", "fxfuse/ir/folds.py",
+           "    if spec.transposed:\n        c_in, out_per_group", "    if False:\n        c_in, out_per_group",
+           (KERNELS, f"{RULES}/test_conv_bn.py"), "a transposed conv scaled along axis 0 (its input channels)"),
+    Mutant("linear_then_affine_drops_scale_on_bias", "fxfuse/ir/folds.py",
+           "return weight * affine.scale[:, None], affine.scale * bias + affine.shift",
+           "return weight * affine.scale[:, None], bias + affine.shift",
+           (KERNELS, f"{RULES}/test_conv_bn.py"), "linear b' = b + c instead of a·b + c"),
+    Mutant("affine_then_linear_shift_sign", "fxfuse/ir/folds.py",
+           "return weight * affine.scale[None, :], bias + weight @ affine.shift",
+           "return weight * affine.scale[None, :], bias - weight @ affine.shift",
+           (KERNELS, f"{RULES}/test_bn_conv.py"), "linear b' = b − W·c"),
+    Mutant("avg_pool_weight_one_axis", "fxfuse/ir/folds.py",
+           "1.0 / math.prod(kernel)", "1.0 / kernel[0]",
+           (KERNELS, f"{RULES}/test_branch_sum.py"), "avg-pool kernel 1/k instead of 1/prod(k)"),
+    Mutant("regroup_wrong_block", "fxfuse/ir/folds.py",
+           "cols = (group % ratio)[:, None] * in_pg", "cols = ((group + 1) % ratio)[:, None] * in_pg",
+           (KERNELS, f"{RULES}/test_branch_sum.py"), "block-diagonal expansion puts a group in the wrong block"),
+    Mutant("place_on_grid_at_corner", "fxfuse/ir/folds.py",
+           "start = (padding[axis] - spec.padding[axis]) // dilation[axis]", "start = 0",
+           (KERNELS, f"{RULES}/test_branch_sum.py"), "a small kernel placed at the grid's corner, not its centre"),
+    Mutant("sum_parallel_first_bias_only", "fxfuse/ir/folds.py",
+           "bias = torch.stack([s.bias for s in specs]).sum(0)", "bias = specs[0].bias",
+           (KERNELS, f"{RULES}/test_branch_sum.py"), "merged bias = the first branch's only"),
+    # (max(p1, p2) for the composed padding would be an equivalent mutant: the exactness conditions allow padding on
+    # at most one of the two convs.)
+    Mutant("compose_drops_first_padding", "fxfuse/ir/folds.py",
+           "padding = tuple(a + b for a, b in zip(first.padding, second.padding))",
+           "padding = tuple(b for a, b in zip(first.padding, second.padding))",
+           (KERNELS, f"{RULES}/test_sequential.py"), "composed padding p2 instead of p1 + p2"),
+    Mutant("compose_bias_ignores_first_bias", "fxfuse/ir/folds.py",
+           "bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)", "bias = second.bias",
+           (KERNELS, f"{RULES}/test_sequential.py"), "composed bias b2 instead of b2 + Σ W2·b1"),
+    # ------------------------------------------------------------------------------ exactness conditions
+    Mutant("why_not_affine_then_conv_ignores_padding", "fxfuse/ir/folds.py",
+           "if any(spec.padding) and bool((affine.shift != 0).any()):", "if False:",
+           (KERNELS, f"{RULES}/test_bn_conv.py"), "BN with a shift folded into a zero-padding conv"),
+    Mutant("why_not_on_one_grid_ignores_stride", "fxfuse/ir/folds.py",
+           "if s.stride != first.stride:", "if False:",
+           (KERNELS, f"{RULES}/test_branch_sum.py"), "branches of different stride declared mergeable"),
+    Mutant("why_not_composable_ignores_first_stride", "fxfuse/ir/folds.py",
+           "if any(s != 1 for s in first.stride):", "if False:",
+           (KERNELS, f"{RULES}/test_sequential.py"), "a strided first conv composed"),
+    Mutant("why_not_composable_pads_any_first_conv", "fxfuse/ir/folds.py",
+           "if not first.is_pointwise:", "if False:",
+           (KERNELS, f"{RULES}/test_sequential.py"), "a padded second conv composed after a kxk conv"),
+    # ------------------------------------------------------------------------------------------ rules
+    Mutant("remove_noop_zero_minus_is_neutral", "fxfuse/rules/remove_noop.py",
+           '"sub": (None, 0)', '"sub": (0, 0)',
+           (f"{RULES}/test_remove_noop.py",), "0 − t bypassed as if it were t"),
+    Mutant("conv_bn_ignores_other_users", "fxfuse/rules/conv_bn.py",
+           "if ctx.single_user(producer) is not node:", "if False:",
+           (f"{RULES}/test_conv_bn.py",), "conv + BN folded although the conv output is read elsewhere"),
+    Mutant("linear_view_bn_ignores_axis_mixing", "fxfuse/rules/linear_view_bn.py",
+           "if flat[1] != out[-1] or flat[0] != math.prod(out[:-1]):", "if False:",
+           (f"{RULES}/test_linear_view_bn.py",), "BN over an axis-mixing view folded as per-feature"),
+    Mutant("pad_into_conv_ignores_padding_mode", "fxfuse/rules/pad_into_conv.py",
+           ' or conv.spec.padding_mode != "zeros":', ":",
+           (f"{RULES}/test_pad_into_conv.py",), "a zero pad absorbed into a reflect-padding conv"),
+    Mutant("pad_through_pointwise_ignores_bias", "fxfuse/rules/pad_through_pointwise.py",
+           "if bool((conv.spec.bias != 0).any()):", "if False:",
+           (f"{RULES}/test_pad_through_pointwise.py",), "a zero pad moved before a biased 1x1 conv"),
+    Mutant("branch_sum_inplace_read_later", "fxfuse/rules/branch_sum.py",
+           "if any(u is not node and _comes_after(u, node) for t in chain for u in ctx.real_users(t)):",
+           "if False:",
+           (f"{RULES}/test_branch_sum.py",), "an in-place add merged although its target is read again"),
+    Mutant("sequential_ignores_other_users", "fxfuse/rules/sequential.py",
+           "if ctx.single_user(mid) is not node:", "if False:",
+           (f"{RULES}/test_sequential.py",), "conv → conv merged although the intermediate is read elsewhere"),
+    Mutant("concat_densifies_grouped_convs", "fxfuse/rules/concat.py",
+           "r.kind == \"conv\" and r.spec.groups == 1 and", "r.kind == \"conv\" and",
+           (f"{RULES}/test_concat.py",), "grouped convs stacked (expanded to dense: more work)"),
+    Mutant("horizontal_densifies_grouped_convs", "fxfuse/rules/horizontal.py",
+           "read.input is node and read.spec.groups == 1", "read.input is node",
+           (f"{RULES}/test_horizontal.py",), "grouped sibling convs stacked (expanded to dense: more work)"),
+    # --------------------------------------------------------------------------- verification and checks
+    Mutant("driver_ignores_deny", "fxfuse/rewrite/driver.py",
+           "if key in deny:", "if False:",
+           ("tests/test_testing.py", "tests/test_errors.py"), "rollback never takes effect"),
+    Mutant("compare_lenient", "fxfuse/verify.py",
+           "if err > tol:", "if err > tol + 1e-4 * scale:",
+           ("tests/test_testing.py", KERNELS), "the one output comparison accepts 1e-4 relative errors"),
+    Mutant("checker_ignores_rolled_back", "fxfuse/testing.py",
+           "if report is not None and not allow_rollback:", "if False:",
+           ("tests/test_testing.py", f"{RULES}/test_conv_bn.py"),
+           "assert_reparametrizes passes a model whose rewrites were undone"),
+)
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+
+
+def _apply(m: Mutant, tree: Path) -> None:
+    path = tree / m.path
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise LookupError(f"{m.path}: the text to mutate occurs {count} times (expected once): {m.old!r}")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def _env(tree: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def _pytest(tree: Path, tests: Sequence[str], timeout: float) -> Tuple[str, str, float]:
+    """``(status, detail, seconds)`` of ``pytest -x`` on ``tests`` in ``tree``: status is ``passed``, ``failed``
+    (detail: the first failing test), ``error`` (collection / usage error) or ``timeout``."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:logging",
+           "-W", "ignore", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"no result within {timeout:.0f} s", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        return "passed", "", seconds
+    first = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    if proc.returncode == 1 and first:
+        return "failed", first.group(1), seconds
+    tail = " | ".join(out.strip().splitlines()[-3:])
+    return "error", f"pytest exit {proc.returncode}: {first.group(1) if first else tail}", seconds
+
+
+def _check_isolation(tree: Path) -> None:
+    """The copy, not the installed working tree, must be what the tests import."""
+    code = "import fxfuse, sys; sys.stdout.write(fxfuse.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], cwd=tree, env=_env(tree), capture_output=True, text=True,
+                           check=True).stdout
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the mutated copy is not what gets imported: fxfuse comes from {where}")
+
+
+def run_one(m: Mutant, timeout: float) -> Tuple[str, str, float]:
+    with tempfile.TemporaryDirectory(prefix=f"fxfuse-mutant-{m.name}-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        try:
+            _apply(m, tree)
+        except LookupError as exc:
+            return "stale", str(exc), 0.0
+        _check_isolation(tree)
+        status, detail, seconds = _pytest(tree, m.tests, timeout)
+    # A mutant that breaks collection (not a test) is reported, not counted as killed: fix the mutant.
+    verdict = {"failed": "killed", "passed": "SURVIVED", "error": "ERROR", "timeout": "TIMEOUT"}[status]
+    return verdict, detail, seconds
+
+
+def baseline(tests: Sequence[str], timeout: float) -> Optional[str]:
+    """Run the selected tests on an unmutated copy: they must pass, or no kill means anything."""
+    with tempfile.TemporaryDirectory(prefix="fxfuse-mutant-baseline-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        _check_isolation(tree)
+        status, detail, seconds = _pytest(tree, tests, timeout)
+    print(f"{'baseline':9} {'(no mutant)':44} {status} in {seconds:.0f} s {detail}", flush=True)
+    return None if status == "passed" else f"the tests fail without any mutant: {detail}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default 900)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                        help="drop this test file from every mutant's list (e.g. tests/test_kernels.py, to see "
+                             "whether the rule tests alone kill the fold-math mutants); repeatable")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; known: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    if args.exclude:
+        chosen = [replace(m, tests=tuple(t for t in m.tests if t not in args.exclude)) for m in chosen]
+        chosen = [m for m in chosen if m.tests]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:44} {m.path:34} {m.what}")
+        return 0
+    if not args.no_baseline:
+        tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+        problem = baseline(tests, args.timeout * 2)
+        if problem:
+            print(problem)
+            return 2
+    bad = 0
+    for m in chosen:
+        verdict, detail, seconds = run_one(m, args.timeout)
+        bad += verdict != "killed"
+        by = f"by {detail}" if verdict == "killed" else detail
+        print(f"{verdict:9} {m.name:44} {by} ({seconds:.0f} s)", flush=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} mutants killed" + (f"; {bad} not" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

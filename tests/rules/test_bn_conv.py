@@ -1,0 +1,103 @@
+"""Rule ``bn_conv``: a per-channel affine (BN, ``x * c + d``) before a conv / linear ⇒ one layer, exact only where
+the conv reads no zero padding or the shift is zero (docs/patterns.md, `bn_conv`)."""
+
+import torch
+from torch import nn
+
+from _helpers import assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, stats
+
+
+class BNConv(nn.Module):
+    def __init__(self, padding=0, groups=1, cin=3, cout=4, k=3):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, k, padding=padding, groups=groups)
+
+    def forward(self, x):
+        return self.conv(self.bn(torch.relu(x)))
+
+
+# ----------------------------------------------------------------------------------------- fused
+def test_bn_before_unpadded_conv_folds():
+    fused = fuse_and_check(BNConv(0), torch.randn(2, 3, 6, 6))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).batch_norms == 0
+
+
+def test_grouped_bn_before_conv():
+    """groups=2, 3 inputs per group: weight ``W[o, j]`` reads input channel ``group(o)·3 + j``."""
+    fused = fuse_and_check(BNConv(0, groups=2, cin=6, cout=4, k=3), torch.randn(2, 6, 5, 5))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).batch_norms == 0
+
+
+def test_grouped_bn_before_pointwise_conv():
+    fused = fuse_and_check(BNConv(0, groups=2, cin=6, cout=4, k=1), torch.randn(2, 6, 4, 4))
+    assert fused_counts(fused) == {"bn_conv": 1}
+
+
+def test_scale_only_before_padded_conv_folds():
+    """A zero shift keeps zero padding zero: ``conv(pad(a·x)) = conv'(pad(x))``."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("a", torch.randn(1, 3, 1, 1))
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(x) * self.a)
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).nodes == 2
+
+
+def test_bn1d_before_linear_folds():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    fused = fuse_and_check(model, torch.randn(4, 5))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).batch_norms == 0
+
+
+# ----------------------------------------------------------------------------------- must NOT fold
+def test_bn_before_padded_conv_stays():
+    fused = fuse_and_check(BNConv(1), torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "bn_conv", "nonzero shift")
+
+
+def test_bn_before_reflect_padded_conv_stays():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+
+        def forward(self, x):
+            return self.conv(self.bn(torch.relu(x)))
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "bn_conv", "padding_mode")
+
+
+def test_bn_before_transposed_conv_stays():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3, stride=2))
+    fused = fuse_and_check(model, torch.randn(2, 3, 4, 4))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "bn_conv", "transposed")
+
+
+def test_bn_with_other_users_stays():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.bn(torch.relu(x))
+            return self.conv(y), y
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 4, 4))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "bn_conv", "also feeds")
+
+
+# ---------------------------------------------------------------------------------------- errors
+def test_wrong_fold_is_rolled_back_and_fails_the_checker(monkeypatch):
+    fused = assert_wrong_rewrite_caught(monkeypatch, "bn_conv", BNConv(0), torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 1

@@ -1,0 +1,74 @@
+"""Rule ``fold_constants``: a value computed only from parameters, buffers and constants becomes one parameter,
+evaluated once in float64 (docs/patterns.md, `fold_constants`)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from _helpers import assert_not_fired, fuse_and_check, fused_counts, stats
+
+
+class MaskedConv(nn.Module):
+    """A fixed mask times a learnable kernel (ACNet / ECBSR style), no BN: only folding removes the multiply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.register_buffer("mask", (torch.rand(4, 3, 3, 3) > 0.4).double())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.w * self.mask, padding=1)
+
+
+class ComposedKernel(nn.Module):
+    """ECBSR's deploy kernel built in forward by convolving two kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k0 = nn.Parameter(torch.randn(5, 3, 1, 1))
+        self.k1 = nn.Parameter(torch.randn(4, 5, 3, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, F.conv2d(self.k1, self.k0.permute(1, 0, 2, 3)), padding=1)
+
+
+def _ops(fused: nn.Module) -> list:
+    return [n for n in fused.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def test_mask_times_kernel_becomes_a_parameter() -> None:
+    for capture in ("symbolic", "export"):
+        fused = fuse_and_check(MaskedConv(), torch.randn(2, 3, 5, 5), capture=capture)
+        assert fused_counts(fused).get("fold_constants") == 1
+        assert stats(fused).convs == 1 and len(_ops(fused)) == 1  # the conv; no multiply left
+
+
+def test_kernel_composed_by_a_conv_is_evaluated_once() -> None:
+    fused = fuse_and_check(ComposedKernel(), torch.randn(2, 3, 5, 5), capture="export")
+    assert stats(fused).convs == 1 and fused_counts(fused).get("fold_constants") == 1
+
+
+def test_folded_constant_gets_the_model_dtype_back() -> None:
+    torch.manual_seed(0)
+    model, x = MaskedConv().float().eval(), torch.randn(2, 3, 5, 5)
+    import fxfuse
+
+    fused = fxfuse.reparametrize(model, x)
+    assert {p.dtype for p in fused.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
+
+
+def test_a_view_of_a_parameter_is_not_copied() -> None:
+    """``w.view(...)`` computes nothing: folding it would only duplicate the weight."""
+
+    class Viewed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 27))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.conv2d(x, self.w.view(4, 3, 3, 3))
+
+    fused = fuse_and_check(Viewed(), torch.randn(2, 3, 5, 5), capture="symbolic")
+    assert_not_fired(fused, "fold_constants")

@@ -1,0 +1,112 @@
+"""Rule ``remove_noop``: identity, eval dropout and neutral-number arithmetic are bypassed, so that the patterns
+around them become adjacent (docs/patterns.md, `remove_noop`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
+from fxfuse.ir import ops
+
+
+class Between(nn.Module):
+    """conv → ``noop`` → BN: the BN folds into the conv only once the no-op is out of the way."""
+
+    def __init__(self, noop):
+        super().__init__()
+        self.conv, self.noop, self.bn = nn.Conv2d(3, 4, 3, padding=1), noop, nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.noop(self.conv(x)))
+
+
+NOOPS = {
+    "Identity": nn.Identity(),
+    "Dropout": nn.Dropout(0.5),
+    "Dropout2d": nn.Dropout2d(0.3),
+    "AlphaDropout": nn.AlphaDropout(0.2),
+    "F.dropout": lambda t: F.dropout(t, 0.5, training=False),
+    "plus-zero": lambda t: t + 0,
+    "zero-plus": lambda t: 0 + t,
+    "minus-zero": lambda t: t - 0,
+    "times-one": lambda t: t * 1,
+    "one-times": lambda t: 1.0 * t,
+    "over-one": lambda t: t / 1,
+}
+
+
+@pytest.mark.parametrize("noop", list(NOOPS.values()), ids=list(NOOPS))
+def test_noop_is_bypassed_and_the_bn_folds(noop):
+    fused = fuse_and_check(Between(noop), torch.randn(2, 3, 6, 6))
+    assert fused_counts(fused) == {"remove_noop": 1, "conv_bn": 1}
+    assert stats(fused).nodes == 1 and stats(fused).batch_norms == 0
+
+
+class IdentityBranch(nn.Module):
+    """RepVGG's identity branch spelled with ``nn.Identity``: ``conv(x) + Identity(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.identity = nn.Conv2d(4, 4, 3, padding=1), nn.Identity()
+
+    def forward(self, x):
+        return self.conv(x) + self.identity(x)
+
+
+def test_identity_branch_becomes_part_of_the_sum():
+    fused = fuse_and_check(IdentityBranch(), torch.randn(2, 4, 5, 5))
+    assert fused_counts(fused) == {"remove_noop": 1, "branch_sum": 1} and stats(fused).nodes == 1
+
+
+# ----------------------------------------------------------------------------- must NOT be bypassed
+class NeutralThenInPlace(nn.Module):
+    """``b = a + 0`` then ``b.add_(1)``: bypassing the add would make ``b`` alias ``a`` and mutate it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = a + 0
+        b.add_(1.0)
+        return a, b
+
+
+def test_neutral_add_with_in_place_user_stays():
+    fused = fuse_and_check(NeutralThenInPlace(), torch.randn(2, 3, 4, 4))
+    assert_skipped(fused, "remove_noop", "in place")
+    assert stats(fused).adds >= 1
+
+
+@pytest.mark.parametrize("op", [lambda t: t * 2, lambda t: t + 1, lambda t: 0 - t, lambda t: 1 / (t + 3),
+                                lambda t: t.long() * 1.0, lambda t: t * 0],
+                         ids=["times-two", "plus-one", "zero-minus", "one-over", "dtype-changing", "times-zero"])
+def test_non_neutral_arithmetic_stays(op):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return op(self.conv(x)).float()
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 4, 4) * 4)
+    assert_not_fired(fused, "remove_noop")
+
+
+# ----------------------------------------------------------------------------- error case
+def test_wrong_bypass_is_rolled_back_and_fails_the_checker(monkeypatch):
+    """An op table that wrongly calls AvgPool2d a dropout makes the rule bypass a pool: verification undoes
+    exactly that rewrite and reports it, and the checker fails."""
+    monkeypatch.setattr(ops, "DROPOUT_MODULES", (*ops.DROPOUT_MODULES, nn.AvgPool2d))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 1, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 6, 6)
+    fused = fuse_and_check(model, x, allow_rollback=True)
+    report = fused.fxfuse_report
+    assert report.rolled_back == ["remove_noop:_1"] and "remove_noop" not in report.fused
+    assert any(u.rule == "remove_noop" and "rolled back" in u.reason for u in report.unfused)
+    assert stats(fused).pools == 1
+    with pytest.raises(AssertionError, match="rolled back"):
+        fuse_and_check(model, x)
