@@ -128,6 +128,33 @@ class Plan:
     notes: Tuple[str, ...] = ()
 
 
+class PlanBuilder:
+    """Collects what a scheme adds to one conv: each branch, or — when the geometry rules it out — why not."""
+
+    def __init__(self, branches: Sequence[Branch] = ()) -> None:
+        self.branches: List[Branch] = list(branches)
+        self.notes: List[str] = []
+
+    def add(self, what: str, branch: Branch, reason: Optional[str] = None) -> None:
+        """Add ``branch`` if ``reason`` is None, else note "no <what> branch: <reason>"."""
+        if reason is None:
+            self.branches.append(branch)
+        else:
+            self.notes.append(f"no {what} branch: {reason}")
+
+    def pointwise(self, g: Geometry, **branch: Any) -> None:
+        """A 1x1 branch on the kxk kernel's centre tap (none for a 1x1 main conv: it would duplicate it)."""
+        if not g.pointwise:
+            self.add("1x1", Branch("conv", (1, 1), **branch), g.why_not_aligned((1, 1)))
+
+    def identity(self, g: Geometry, **branch: Any) -> None:
+        """The identity branch, where ``in == out``, stride 1 and the conv keeps the spatial size."""
+        self.add("identity", Branch("identity", **branch), g.why_no_identity())
+
+    def plan(self, post_bn: bool = False) -> Plan:
+        return Plan(tuple(self.branches), post_bn=post_bn, notes=tuple(self.notes))
+
+
 SchemeFn = Callable[..., Union[Plan, Sequence[Branch]]]
 
 

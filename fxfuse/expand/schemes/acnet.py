@@ -4,9 +4,8 @@ kernel's centre row / column. Only kernels larger than 1 on both axes get them (
 
 from __future__ import annotations
 
-from typing import List
 
-from ..scheme import Branch, Geometry, Plan, register_scheme
+from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("acnet")
@@ -15,12 +14,7 @@ def acnet(g: Geometry) -> Plan:
     kh, kw = g.kernel_size
     if kh == 1 or kw == 1:
         return Plan(notes=(f"no asymmetric branches for a {kh}x{kw} kernel",))
-    branches: List[Branch] = []
-    notes: List[str] = []
+    plan = PlanBuilder()
     for kernel in ((1, kw), (kh, 1)):
-        reason = g.why_not_aligned(kernel)
-        if reason is None:
-            branches.append(Branch("conv", kernel))
-        else:
-            notes.append(f"no {kernel[0]}x{kernel[1]} branch: {reason}")
-    return Plan(tuple(branches), notes=tuple(notes))
+        plan.add(f"{kernel[0]}x{kernel[1]}", Branch("conv", kernel), g.why_not_aligned(kernel))
+    return plan.plan()

@@ -8,29 +8,18 @@ undilated convs only). A 1x1 conv gets the 1x1→1x1 chain only."""
 
 from __future__ import annotations
 
-from typing import List
 
-from ..scheme import Branch, Geometry, Plan, register_scheme
+from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("dbb")
 def dbb(g: Geometry) -> Plan:
     """kxk-BN + 1x1-BN + (1x1→kxk)-BN + (1x1→avg)-BN where the geometry allows."""
-    branches: List[Branch] = []
-    notes: List[str] = []
+    plan = PlanBuilder()
+    plan.pointwise(g)
+    plan.add("1x1→kxk", Branch("1x1_kxk"),
+             None if g.avg_pool_fits else f"dilation {g.dilation} (fxfuse composes undilated chains only)")
     if not g.pointwise:
-        reason = g.why_not_aligned((1, 1))
-        if reason is None:
-            branches.append(Branch("conv", (1, 1)))
-        else:
-            notes.append(f"no 1x1 branch: {reason}")
-    if g.avg_pool_fits:
-        branches.append(Branch("1x1_kxk"))
-    else:
-        notes.append(f"no 1x1→kxk branch: dilation {g.dilation} (fxfuse composes undilated chains only)")
-    if not g.pointwise:
-        if g.avg_pool_fits:
-            branches.append(Branch("1x1_avg"))
-        else:
-            notes.append(f"no average-pool branch: dilation {g.dilation} (a pool has none)")
-    return Plan(tuple(branches), notes=tuple(notes))
+        plan.add("average-pool", Branch("1x1_avg"),
+                 None if g.avg_pool_fits else f"dilation {g.dilation} (a pool has none)")
+    return plan.plan()

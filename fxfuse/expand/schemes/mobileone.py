@@ -6,9 +6,8 @@ over-parameterized variant, 1 in S1–S4), the 1x1 "scale" branch for kernels > 
 
 from __future__ import annotations
 
-from typing import List
 
-from ..scheme import Branch, Geometry, Plan, register_scheme
+from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("mobileone")
@@ -16,17 +15,7 @@ def mobileone(g: Geometry, num_conv_branches: int = 4) -> Plan:
     """``num_conv_branches`` kxk-BN + 1x1-BN + identity-BN where the geometry allows."""
     if num_conv_branches < 1:
         raise ValueError(f"num_conv_branches must be >= 1, got {num_conv_branches}")
-    branches: List[Branch] = [Branch("conv", name=f"conv_kxk_{i}") for i in range(1, num_conv_branches)]
-    notes: List[str] = []
-    if not g.pointwise:
-        reason = g.why_not_aligned((1, 1))
-        if reason is None:
-            branches.append(Branch("conv", (1, 1)))
-        else:
-            notes.append(f"no 1x1 branch: {reason}")
-    reason = g.why_no_identity()
-    if reason is None:
-        branches.append(Branch("identity"))
-    else:
-        notes.append(f"no identity branch: {reason}")
-    return Plan(tuple(branches), notes=tuple(notes))
+    plan = PlanBuilder([Branch("conv", name=f"conv_kxk_{i}") for i in range(1, num_conv_branches)])
+    plan.pointwise(g)
+    plan.identity(g)
+    return plan.plan()

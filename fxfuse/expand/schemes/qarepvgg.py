@@ -9,9 +9,8 @@ at ``-I``."""
 
 from __future__ import annotations
 
-from typing import List
 
-from ..scheme import Branch, Geometry, Plan, register_scheme
+from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("qarepvgg")
@@ -23,13 +22,8 @@ def qarepvgg(g: Geometry) -> Plan:
     reason = g.why_not_aligned((1, 1))
     if reason is not None:
         return Plan(notes=(f"no 1x1 branch: {reason}",))
-    branches: List[Branch] = [Branch("conv", (1, 1), bn=False)]
-    notes: List[str] = []
-    reason = g.why_no_identity()
-    if reason is None:
-        branches.append(Branch("identity", bn=False))
-    else:
-        notes.append(f"no identity branch: {reason}")
+    plan = PlanBuilder([Branch("conv", (1, 1), bn=False)])
+    plan.identity(g, bn=False)
     if not g.has_bn:
-        notes.append("no BatchNorm after the sum: the conv has none")
-    return Plan(tuple(branches), post_bn=g.has_bn, notes=tuple(notes))
+        plan.notes.append("no BatchNorm after the sum: the conv has none")
+    return plan.plan(post_bn=g.has_bn)
