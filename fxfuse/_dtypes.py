@@ -309,3 +309,8 @@ class FusedTarget:
                 counts[d] = counts.get(d, 0) + p.numel()
         default = max(counts, key=lambda d: counts[d]) if counts else plan.model_dtype
         return cls(ids, default, any(p.requires_grad for p in module.parameters()))
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``float32`` for ``torch.float32`` (``None`` for no dtype)."""
+    return str(dtype).replace("torch.", "")
