@@ -51,6 +51,11 @@ class WeightGrowth:
         return cls(module, int(growth.numel()), float(growth.max()), median, outliers)
 
 
+# op kind (fxfuse.ir.ops.op_kind) -> the GraphStats field counting it
+_COUNTED = {"conv": "convs", "batch_norm": "batch_norms", "avg_pool": "pools", "add": "adds", "assert": "asserts",
+            "metadata": "metadata_reads"}
+
+
 @dataclass
 class GraphStats:
     """Op counts of a graph (module and functional spellings together)."""
@@ -71,19 +76,9 @@ class GraphStats:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
             stats.nodes += 1
-            kind = op_kind(node, modules)
-            if kind == "conv":
-                stats.convs += 1
-            elif kind == "batch_norm":
-                stats.batch_norms += 1
-            elif kind == "avg_pool":
-                stats.pools += 1
-            elif kind == "add":
-                stats.adds += 1
-            elif kind == "assert":
-                stats.asserts += 1
-            elif kind == "metadata":
-                stats.metadata_reads += 1
+            counter = _COUNTED.get(op_kind(node, modules) or "")
+            if counter is not None:
+                setattr(stats, counter, getattr(stats, counter) + 1)
         return stats
 
 

@@ -210,10 +210,8 @@ class Reader:
             return None
         if node.target in ops.CONV_FUNCS:
             ndim = ops.CONV_FUNCS[node.target]
-            w = self.constants.tensor(arg(node, 1, "weight"))
-            b_arg = arg(node, 2, "bias")
-            b = None if b_arg is None else self.constants.tensor(b_arg)
-            if w is None or (b_arg is not None and b is None) or not isinstance(node.args[0], fx.Node):
+            w, b, bias_ok = self._weight_and_bias(node)
+            if w is None or not bias_ok or not isinstance(node.args[0], fx.Node):
                 return Refusal("functional conv with non-constant weight") if w is None else None
             k = tuple(w.shape[2:])
             dil = as_tuple(arg(node, 5, "dilation", 1), ndim)
@@ -224,10 +222,8 @@ class Reader:
                                    arg(node, 6, "groups", 1), "zeros", False, ())
         if node.target in ops.CONV_T_FUNCS:
             ndim = ops.CONV_T_FUNCS[node.target]
-            w = self.constants.tensor(arg(node, 1, "weight"))
-            b_arg = arg(node, 2, "bias")
-            b = None if b_arg is None else self.constants.tensor(b_arg)
-            if w is None or (b_arg is not None and b is None) or not isinstance(node.args[0], fx.Node):
+            w, b, bias_ok = self._weight_and_bias(node)
+            if w is None or not bias_ok or not isinstance(node.args[0], fx.Node):
                 return None
             return self._conv_read(node.args[0], w, b, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0),
                                    arg(node, 7, "dilation", 1), arg(node, 6, "groups", 1), "zeros", True,
@@ -242,6 +238,13 @@ class Reader:
             return self._conv_read(inp, w, b, stride, pads, dil, groups, "zeros", bool(transposed),
                                    out_pads if transposed else ())
         return None
+
+    def _weight_and_bias(self, node: fx.Node) -> Tuple[Optional[Tensor], Optional[Tensor], bool]:
+        """``(weight, bias, bias_ok)`` of a functional layer call ``f(x, weight, bias, …)``: the constant values
+        (``weight`` None when not constant), and whether a bias that is given is constant too."""
+        b_arg = arg(node, 2, "bias")
+        b = None if b_arg is None else self.constants.tensor(b_arg)
+        return self.constants.tensor(arg(node, 1, "weight")), b, b_arg is None or b is not None
 
     @staticmethod
     def _padding(padding: Any, kernel: Sequence[int], dilation: Any, ndim: int) -> Union[tuple, Refusal]:
@@ -294,10 +297,8 @@ class Reader:
             b = float64(mod.bias) if mod.bias is not None else w.new_zeros(w.shape[0], dtype=torch.float64)
             return LinearRead(node.args[0], float64(w), b, w)
         if node.op == "call_function" and node.target in ops.LINEAR_FUNCS and isinstance(node.args[0], fx.Node):
-            wc = self.constants.tensor(arg(node, 1, "weight"))
-            b_arg = arg(node, 2, "bias")
-            bc = None if b_arg is None else self.constants.tensor(b_arg)
-            if wc is None or (b_arg is not None and bc is None) or wc.dim() != 2:
+            wc, bc, bias_ok = self._weight_and_bias(node)
+            if wc is None or not bias_ok or wc.dim() != 2:
                 return None
             b64 = float64(bc) if bc is not None else torch.zeros(wc.shape[0], dtype=torch.float64)
             return LinearRead(node.args[0], float64(wc), b64, wc)
