@@ -54,7 +54,7 @@ def _normalize_inputs(example_input: Any) -> Tuple[Any, ...]:
 
 def reparametrize(
     model: nn.Module,
-    example_input: Any,
+    example_input: Any = None,
     *,
     inplace: bool = False,
     verify: bool = True,
@@ -93,7 +93,8 @@ def reparametrize(
     tracing, then export when tracing fails or leaves BatchNorms / unfused candidates, keeping the result that
     executes fewer convs + BatchNorms (symbolic on a tie); the per-sub-module fallback comes last.
     ``report.capture`` / ``report.capture_reason`` say which was used and why. An ``ExportedProgram`` passed as
-    ``model`` is rewritten by :func:`reparametrize_exported` and one is returned.
+    ``model`` is rewritten by :func:`reparametrize_exported` and one is returned (``example_input`` then defaults
+    to the inputs it was exported with).
     """
     if isinstance(model, torch.export.ExportedProgram):
         program: Any = reparametrize_exported(model, example_input, verify=verify, rtol=rtol, atol=atol, rules=rules,
@@ -104,6 +105,9 @@ def reparametrize(
         raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"reparametrize expects a torch.nn.Module, got {type(model).__name__}")
+    if example_input is None:
+        raise TypeError("reparametrize needs an example_input: the tensor (or tuple of positional inputs) the "
+                        "model is traced and checked on")
     args = _normalize_inputs(example_input)
     disable = [*disable, "shape_assert"] if keep_asserts else disable
     opts = _Options(resolve_rules(rules, enable, disable), verify, rtol, atol, max_rollbacks)

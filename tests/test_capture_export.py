@@ -658,6 +658,40 @@ def test_exported_program_in_and_out_round_trips() -> None:
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_exported_program_with_a_batch_of_one_stays_dynamic() -> None:
+    """A dynamic-batch program fused with a batch-1 example (export would pin a dim whose example size is 1) keeps
+    its dynamic batch; a program's own example inputs are used when none is passed."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(ReshapeNet(), 0).eval()
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (torch.randn(2, 3, 6, 6),), dynamic_shapes=({0: batch},), strict=False)
+    for example in (torch.randn(1, 3, 6, 6), None):
+        fused_ep = fxfuse.reparametrize(ep, example)
+        assert [str(r) for r in fused_ep.range_constraints.values()] == \
+            [str(r) for r in ep.range_constraints.values()]
+        assert GraphStats.of(fused_ep.graph_module).batch_norms == 0
+        for n in (1, 8):
+            inp = torch.randn(n, 3, 6, 6)
+            with torch.no_grad():
+                ref, out = model(inp), fused_ep.module()(inp)
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_static_exported_program_stays_static() -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(ReshapeNet(), 0).eval()
+    ep = torch.export.export(model, (torch.randn(1, 3, 6, 6),), strict=False)
+    fused_ep = fxfuse.reparametrize(ep)
+    assert not fused_ep.range_constraints
+    with pytest.raises(Exception):  # the signature is the original's: batch 1 only
+        fused_ep.module()(torch.randn(2, 3, 6, 6))
+
+
+def test_module_without_example_input_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="needs an example_input"):
+        fxfuse.reparametrize(ReshapeNet().eval())
+
+
 # -------------------------------------------------------------------------------- the compile path
 def test_compile_path_runs_the_fused_model() -> None:
     torch.manual_seed(0)

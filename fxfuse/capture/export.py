@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..ir.ops import OpOverload
 
-__all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "fresh_copy", "graph_of", "dynamic_shapes_of",
-           "to_exported_program"]
+__all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
+           "dynamic_shapes_of", "to_exported_program"]
 
 
 @dataclass
@@ -45,26 +45,45 @@ class ExportCapture:
     seconds: float
 
 
-def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Tuple[Any, Tuple[Any, ...]]:
-    """``(dynamic_shapes, trace_args)`` marking dim 0 of every tensor input whose dim 0 equals the first tensor
-    input's as one shared dynamic ``batch`` dim. Export specializes a dim whose example size is 0 or 1, so a
-    batch of 1 is traced on inputs repeated to batch 2 (export only traces; no values are computed from them)."""
+def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Any:
+    """``dynamic_shapes`` marking dim 0 of every tensor input whose dim 0 equals the first tensor input's as one
+    shared dynamic ``batch`` dim (``None`` when no input is a tensor with a dim)."""
     tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0]
     if not tensors:
-        return None, args
+        return None
     n = tensors[0].shape[0]
     batch = torch.export.Dim("batch")
 
     def spec(t: Any) -> Any:
         return {0: batch} if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None
 
-    def widen(t: Any) -> Any:
-        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n and n == 1:
-            return torch.cat([t, t])
+    return tuple(tree_map(spec, a) if isinstance(a, (tuple, list, dict)) else spec(a) for a in args)
+
+
+def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
+    """The inputs to export on: ``args`` with every dim that ``dynamic_shapes`` marks dynamic and whose example
+    size is 1 repeated to size 2. Export specializes such a dim (a batch of 1 would pin the batch), and it
+    only traces, so no value is computed from the repeated rows. ``dynamic_shapes`` in the positional form
+    (a tuple / list aligned with ``args``); a dict form is passed to export as it is."""
+    if not isinstance(dynamic_shapes, (tuple, list)) or len(dynamic_shapes) != len(args):
+        return args
+
+    def widen(t: Any, spec: Any) -> Any:
+        for dim, marked in (spec.items() if isinstance(t, Tensor) and isinstance(spec, dict) else ()):
+            if marked not in (None, torch.export.Dim.STATIC) and t.shape[dim] == 1:  # (size 0: no row to repeat)
+                t = torch.cat([t, t], dim=dim)
         return t
 
-    shapes = tuple(tree_map(spec, a) if isinstance(a, (tuple, list, dict)) else spec(a) for a in args)
-    return shapes, tuple(tree_map(widen, args))
+    def one(a: Any, spec: Any) -> Any:
+        if isinstance(a, Tensor):
+            return widen(a, spec)
+        if isinstance(a, (tuple, list)) and isinstance(spec, (tuple, list)) and len(a) == len(spec):
+            return type(a)(one(x, s) for x, s in zip(a, spec))
+        if isinstance(a, dict) and isinstance(spec, dict):
+            return {k: one(v, spec.get(k)) for k, v in a.items()}
+        return a
+
+    return tuple(one(a, s) for a, s in zip(args, dynamic_shapes))
 
 
 def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -104,13 +123,14 @@ def _capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any,
              faithful: Optional[Callable[[fx.GraphModule], bool]]) -> ExportCapture:
     start = time.perf_counter()
     if dynamic_shapes is not None:
-        ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic_shapes)
+        ep = torch.export.export(module, trace_inputs(args, dynamic_shapes), strict=False,
+                                 dynamic_shapes=dynamic_shapes)
         return ExportCapture(graph_of(ep), "as given by dynamic_shapes", time.perf_counter() - start)
-    shapes, trace_args = batch_dynamic_shapes(args)
+    shapes = batch_dynamic_shapes(args)
     why_static = "no tensor input"
     if shapes is not None:
         try:
-            ep = torch.export.export(module, trace_args, strict=False, dynamic_shapes=shapes)
+            ep = torch.export.export(module, trace_inputs(args, shapes), strict=False, dynamic_shapes=shapes)
             gm = graph_of(ep)
             if faithful is None or faithful(gm):
                 return ExportCapture(gm, "batch (dim 0 of the inputs) dynamic", time.perf_counter() - start)
@@ -179,4 +199,5 @@ def _user_input_names(ep: torch.export.ExportedProgram) -> set:
 def to_exported_program(module: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None,
                         dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
     """Export a (fused) module again: the program users get back from ``fxfuse.reparametrize(ep)``."""
-    return torch.export.export(module, tuple(args), kwargs or None, strict=False, dynamic_shapes=dynamic_shapes)
+    return torch.export.export(module, trace_inputs(tuple(args), dynamic_shapes), kwargs or None, strict=False,
+                               dynamic_shapes=dynamic_shapes)
