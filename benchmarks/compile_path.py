@@ -3,13 +3,17 @@ training-form model, with and without Inductor freezing; and the pass time of bo
 
     .venv/bin/python benchmarks/compile_path.py [--model repvgg-A0] [--batch 1] [--threads 1]
     .venv/bin/python benchmarks/compile_path.py --pass-time resnet50,resnet152
+    .venv/bin/python benchmarks/compile_path.py --aoti [--model repvgg-A0]
 
 Compile time is the wall time of the first call of the compiled model (cold: Inductor's on-disk caches are off,
 and a trivial function is compiled first so one-time start-up is billed to nobody); for ``fxfuse.compile`` the
 re-parameterization pass is timed separately and added. Run time: ``torch.utils.benchmark`` on ``--threads``
 threads, rounds interleaved across the variants, median of the per-round medians. Everything runs under
 ``torch.no_grad()`` (freezing needs it). ``--pass-time`` times ``fxfuse.reparametrize(model, x,
-capture=..., verify=False)`` on torchvision models (best of ``--repeats``). Results go to docs/benchmarks.md and
+capture=..., verify=False)`` on torchvision models (best of ``--repeats``). ``--aoti`` exports the model (dynamic
+batch), re-parameterizes the ``ExportedProgram`` (``fxfuse.reparametrize(ep)``) and AOTInductor-compiles both
+programs into packages (``torch._inductor.aoti_compile_and_package``); it reports the export / pass / package
+times and the run time of the loaded packages. Results go to docs/benchmarks.md and
 the issue's closing note by hand, with the command, ``lscpu`` model name and date.
 """
 
@@ -89,6 +93,48 @@ def compile_path(model_name: str, batch: int, threads: int, rounds: int, min_run
         print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {base / medians[name]:.2f}x |")
 
 
+def aoti(model_name: str, batch: int, threads: int, rounds: int, min_run_time: float) -> None:
+    import tempfile
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(build(model_name), 0).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    start = time.perf_counter()
+    ep = torch.export.export(model, (torch.randn(2, 3, 224, 224),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fused_ep = fxfuse.reparametrize(ep, x)
+    pass_s = time.perf_counter() - start
+    stats = GraphStats.of(fused_ep.graph_module)
+    print(f"export {export_s:.1f} s; fxfuse.reparametrize(ep) {pass_s:.1f} s: convs {stats.convs}, "
+          f"batch_norms {stats.batch_norms}")
+    variants: Dict[str, Tuple[Callable[..., Any], float]] = {"eager original": (_no_grad(model), 0.0),
+                                                             "eager fxfuse program": (_no_grad(fused_ep.module()),
+                                                                                      export_s + pass_s)}
+    with tempfile.TemporaryDirectory() as tmp, cold_inductor():
+        for name, program, setup in (("AOTInductor(original program)", ep, export_s),
+                                     ("AOTInductor(fxfuse program)", fused_ep, export_s + pass_s)):
+            start = time.perf_counter()
+            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/{len(variants)}.pt2")
+            runner = torch._inductor.aoti_load_package(path)
+            variants[name] = (runner, setup + time.perf_counter() - start)
+        with torch.no_grad():
+            ref, out = model(x), variants["AOTInductor(fxfuse program)"][0](x)
+        print(f"max |fused - original eager| / max |original| = {((out - ref).abs().max() / ref.abs().max()):.1e}")
+        timers = {name: make_timer(fn, (x,), threads) for name, (fn, _) in variants.items()}
+        results = interleaved_rounds(timers, rounds, min_run_time)
+    print(f"\n# {model_name}, batch {batch}, {threads} thread(s); torch {torch.__version__}; {cpu_model_name()}; "
+          f"{datetime.date.today().isoformat()}")
+    print("| variant | export + pass + package time (s) | run time (ms, median) | vs AOTInductor(original) |")
+    print("|---|---|---|---|")
+    medians = {name: statistics.median(m.median for m in ms) * 1e3 for name, ms in results.items()}
+    base = medians["AOTInductor(original program)"]
+    for name, (_, setup_s) in variants.items():
+        print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {base / medians[name]:.2f}x |")
+
+
 def pass_time(names: List[str], repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
     print(f"\n# pass time, verify=False, batch 1, 224x224; torch {torch.__version__}; {cpu_model_name()}; "
@@ -120,8 +166,11 @@ def main() -> None:
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--pass-time", default="", help="comma-separated torchvision models: time both captures")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--aoti", action="store_true", help="AOTInductor packages of the original and fused programs")
     args = ap.parse_args()
-    if args.pass_time:
+    if args.aoti:
+        aoti(args.model, args.batch, args.threads, args.rounds, args.min_run_time)
+    elif args.pass_time:
         pass_time(args.pass_time.split(","), args.repeats, args.threads)
     else:
         compile_path(args.model, args.batch, args.threads, args.rounds, args.min_run_time)

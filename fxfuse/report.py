@@ -149,7 +149,8 @@ class FusionReport:
         b, a = self.before, self.after
         lines.append(f"  ops {b.nodes} -> {a.nodes}, convs {b.convs} -> {a.convs}, "
                      f"batch_norms {b.batch_norms} -> {a.batch_norms}, avg_pools {b.pools} -> {a.pools}, "
-                     f"adds {b.adds} -> {a.adds}")
+                     f"adds {b.adds} -> {a.adds}"
+                     + ("" if self.traced_whole else " (in the rewritten sub-modules' graphs only)"))
         if self.verified is not None:
             lines.append(f"  verified={self.verified} in {self.verify_dtype}: max abs error {self.max_abs_error:.3g}"
                          f" (relative {self.max_rel_error:.3g}, tolerance {self.tolerance:.3g})")

@@ -44,6 +44,19 @@ SPEC_MODULE = textwrap.dedent('''
             return self.bn(y) + y
 
 
+    class SizeAsInt(nn.Module):
+        """conv -> bn, then `int(y.size(1))`: symbolic tracing cannot make an int of a Proxy; torch.export can."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y.reshape(y.size(0), int(y.size(1)) * y.size(2) * y.size(3))
+
+
     instance = small_convbn_net()
     not_a_model = 3
 
@@ -135,11 +148,13 @@ def test_fuse_pt2_round_trip(tiny_ckpt, tmp_path):
                            "--out", str(out_path)])
     assert code == 0, err
     assert "branch_sum=8" in out and "conv_bn=16" in out and "round trip" in out
+    assert "(dynamic batch)" in out
     ep = torch.export.load(str(out_path))
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        got, ref = ep.module()(x), model(x)
-    assert got.dtype == torch.float32 and _rel(got, ref) <= 1e-4
+    for n in (1, 5):  # fused on a batch of 1, the saved program runs at any batch size
+        x = torch.randn((n, *SHAPE[1:]), generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            got, ref = ep.module()(x), model(x)
+        assert got.dtype == torch.float32 and _rel(got, ref) <= 1e-4
     # structure: one conv per block (8), no batch norm left in the exported graph
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert sum("conv" in t for t in targets) == 8
@@ -279,6 +294,22 @@ def test_explain_module_instance_spec():
     assert json.loads(out)["fused"] == {"conv_bn": 2}
 
 
+@pytest.mark.parametrize("capture, fused", [("symbolic", {}), ("export", {"conv_bn": 1}), ("auto", {"conv_bn": 1})])
+def test_explain_capture_flag(capture, fused):
+    """``--capture`` picks the front end: symbolic tracing fails on `int(y.size(1))` and its sub-module
+    fallback sees conv and BN apart; torch.export captures the model whole and the BN folds."""
+    code, out, err = _run(["explain", "fxfuse_cli_test_specs:SizeAsInt", "--input-shape", "1,3,8,8",
+                           "--capture", capture, "--json"])
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["fused"] == fused
+    assert rep["after"]["batch_norms"] == 0 and rep["before"]["batch_norms"] == len(fused)  # graph counts only
+    assert rep["capture"] == ("submodules" if capture == "symbolic" else "export"), rep["capture_reason"]
+    code, out, err = _run(["explain", "fxfuse_cli_test_specs:SizeAsInt", "--input-shape", "1,3,8,8",
+                           "--capture", capture])
+    assert code == 0 and f"capture: {rep['capture']} (" in out, out
+
+
 # ----------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, needle", [
     (["explain", "not-a-model"], "unknown model spec"),
@@ -296,6 +327,7 @@ def test_explain_module_instance_spec():
     (["fuse", "repvgg-tiny", "--out", "x.pt2", "--format", "tflite"], "invalid choice"),
     (["explain", "repvgg-tiny", "--weights", "/nonexistent/ckpt.pth"], "not found"),
     (["frobnicate"], "invalid choice"),
+    (["explain", "repvgg-tiny", "--capture", "dynamo"], "invalid choice"),
 ])
 def test_errors_are_one_line(argv, needle):
     code, out, err = _run(argv)

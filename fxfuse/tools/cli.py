@@ -121,6 +121,9 @@ def _shape_and_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="checkpoint for torch.load(weights_only=True): a state_dict, or one under a "
                         "'state_dict' / 'model' key")
+    p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
+                   help="how the model becomes a graph: torch.fx symbolic tracing, torch.export, or auto (symbolic, "
+                        "then export where it captures more; default)")
 
 
 def _version() -> str:
@@ -159,14 +162,14 @@ def _rel_error(reference: Any, actual: Any) -> float:
     return compare(reference, actual).max_rel
 
 
-def _reparametrize(model: Any, x: Any) -> Any:
+def _reparametrize(model: Any, x: Any, capture: str) -> Any:
     import warnings
 
     from .. import reparametrize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return reparametrize(model, x)
+        return reparametrize(model, x, capture=capture)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -202,7 +205,7 @@ def _cmd_fuse(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence
     if not args.weights:
         print(f"fxfuse fuse: note: no --weights given; saving {args.spec} with its initial parameters", file=err)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    fused = _reparametrize(model, x)
+    fused = _reparametrize(model, x, args.capture)
     print(fused.fxfuse_report.summary(), file=out)
     with torch.no_grad():
         ref = model(x)
@@ -210,16 +213,12 @@ def _cmd_fuse(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "pt2":
-        try:
-            ep = torch.export.export(fused, (x,))
-        except Exception as exc:
-            raise _CLIError(f"torch.export.export failed on the fused model: {type(exc).__name__}: "
-                            f"{_first_line(exc)}; try --format state_dict") from None
+        ep, batch = _export_program(fused, x)
         torch.export.save(ep, str(path))
         with torch.no_grad():
             back = torch.export.load(str(path)).module()(x)
-        print(f"saved torch.export program to {path} (torch.export.load round trip: max rel error "
-              f"{_rel_error(ref, back):.3g} vs the original)", file=out)
+        print(f"saved torch.export program ({batch} batch) to {path} (torch.export.load round trip: max rel "
+              f"error {_rel_error(ref, back):.3g} vs the original)", file=out)
     elif args.format == "state_dict":
         torch.save(fused.state_dict(), str(path))
         code_path = path.with_suffix(".py") if path.suffix != ".py" else path.with_suffix(".code.py")
@@ -228,6 +227,23 @@ def _cmd_fuse(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Sequence
     else:
         _export_onnx(fused, x, ref, path, out, err)
     return 0
+
+
+def _export_program(fused: Any, x: Any) -> Tuple[Any, str]:
+    """``fused`` as a ``torch.export`` program with a dynamic batch dim, or a static one where the model pins it."""
+    import torch
+
+    from ..capture.export import batch_dynamic_shapes, to_exported_program
+
+    try:
+        return to_exported_program(fused, (x,), dynamic_shapes=batch_dynamic_shapes((x,))), "dynamic"
+    except Exception:  # the code specializes the batch size: a static program is still a faithful one
+        pass
+    try:
+        return torch.export.export(fused, (x,)), "static"
+    except Exception as exc:
+        raise _CLIError(f"torch.export.export failed on the fused model: {type(exc).__name__}: "
+                        f"{_first_line(exc)}; try --format state_dict") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -290,7 +306,7 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
     if args.randomize_bn:
         randomize_batchnorm_(model, seed=0)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    fused = _reparametrize(model, x)
+    fused = _reparametrize(model, x, args.capture)
     rep = fused.fxfuse_report
     params = [sum(p.numel() for p in m.parameters()) for m in (model, fused)]
     flops = [count_flops(m, x) for m in (model, fused)]
@@ -302,6 +318,7 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
         return 0
     w = out.write
     w(f"model: {args.spec} ({loaded.kind}), input {tuple(shape)}, reparametrize pass {rep.pass_seconds:.2f} s\n")
+    w(f"capture: {rep.capture} ({rep.capture_reason})\n")
     w(f"fused patterns ({rep.total_fused} rewrites):\n")
     for name, count in sorted(rep.fused.items()):
         w(f"  {name:<24} {count:>5}\n")
