@@ -299,15 +299,10 @@ def test_compile_path_with_inductor() -> None:
 
 
 # ------------------------------------------------------------------- the fuzzer's random nets, both captures
-@pytest.mark.slow
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.data())
-def test_random_nets_export_is_exact_and_no_worse_than_symbolic(data) -> None:
-    """The fuzzer's random nets (tests/test_fuzz.py) through ``capture="export"``: equal in float64 on two batch
-    sizes, no rollback, and never more convs + BatchNorms than the symbolic capture where that traces whole."""
-    from test_fuzz import random_nets
-
-    case = data.draw(random_nets())
+def check_random_net_both_captures(case) -> None:
+    """One random net (tests/test_fuzz.py) through ``capture="export"`` and ``"symbolic"``: equal in float64 on
+    two batch sizes, no rollback, and export never executes more convs + BatchNorms than symbolic capture where
+    that traces whole."""
     kwargs = dict(expect_batch_norms=None, rtol=1e-10, atol=1e-12, randomize=False, verify=case.verify,
                   enable=["horizontal"] if case.horizontal else [])
     exported = assert_reparametrizes(case.net, case.input, capture="export", **kwargs)
@@ -316,3 +311,21 @@ def test_random_nets_export_is_exact_and_no_worse_than_symbolic(data) -> None:
     if symbolic.fxfuse_report.traced_whole:
         assert e["conv"] + e["batch_norm"] <= s["conv"] + s["batch_norm"], (exported.fxfuse_report,
                                                                           symbolic.fxfuse_report)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_nets_export_is_exact_and_no_worse_than_symbolic(data) -> None:
+    """A handful of random nets in the default run (~3 s a net); ``--runslow`` draws 100."""
+    from test_fuzz import random_nets
+
+    check_random_net_both_captures(data.draw(random_nets()))
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_nets_export_sweep(data) -> None:
+    from test_fuzz import random_nets
+
+    check_random_net_both_captures(data.draw(random_nets()))
