@@ -37,6 +37,9 @@ from fxfuse.testing import op_counts
 from fxfuse.tools.bench import cpu_model_name, interleaved_rounds, make_timer
 from fxfuse.tools.bench.timing import cold_inductor, warm_compiler
 
+# variant name -> (callable, set-up seconds: compile / pass / package time)
+Variants = Dict[str, Tuple[Callable[..., Any], float]]
+
 
 def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
@@ -66,7 +69,7 @@ def compile_path(model_name: str, batch: int, threads: int, rounds: int, min_run
     print(f"fxfuse.reparametrize: {pass_s:.2f} s ({fused.fxfuse_report.capture}); convs {counts['conv']}, "
           f"batch_norms {counts['batch_norm']}")
 
-    variants: Dict[str, Tuple[Callable[..., Any], float]] = {}
+    variants: Variants = {}
     variants["eager original"] = (model, 0.0)
     variants["eager fxfuse"] = (fused, pass_s)
     for label, options in (("", None), (" + freezing", {"freezing": True})):
@@ -82,15 +85,18 @@ def compile_path(model_name: str, batch: int, threads: int, rounds: int, min_run
         _first_call(fn, x)
     timers = {name: make_timer(_no_grad(fn), (x,), threads) for name, (fn, _) in variants.items()}
     results = interleaved_rounds(timers, rounds, min_run_time)
-    base = None
-    print(f"\n# {model_name}, batch {batch}, {threads} thread(s); torch {torch.__version__}; {cpu_model_name()}; "
-          f"{datetime.date.today().isoformat()}")
-    print("| variant | compile / pass time (s) | run time (ms, median) | vs torch.compile(original) |")
+    _print_table(f"{model_name}, batch {batch}, {threads} thread(s)", "compile / pass time (s)", variants, results,
+                 "torch.compile(original)")
+
+
+def _print_table(title: str, setup_label: str, variants: Variants, results: Dict[str, Any], base_name: str) -> None:
+    """A markdown table: set-up time, median run time (median of the rounds' medians), speed vs ``base_name``."""
+    print(f"\n# {title}; torch {torch.__version__}; {cpu_model_name()}; {datetime.date.today().isoformat()}")
+    print(f"| variant | {setup_label} | run time (ms, median) | vs {base_name} |")
     print("|---|---|---|---|")
     medians = {name: statistics.median(m.median for m in ms) * 1e3 for name, ms in results.items()}
-    base = medians["torch.compile(original)"]
     for name, (_, setup_s) in variants.items():
-        print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {base / medians[name]:.2f}x |")
+        print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {medians[base_name] / medians[name]:.2f}x |")
 
 
 def aoti(model_name: str, batch: int, threads: int, rounds: int, min_run_time: float) -> None:
@@ -110,9 +116,8 @@ def aoti(model_name: str, batch: int, threads: int, rounds: int, min_run_time: f
     stats = GraphStats.of(fused_ep.graph_module)
     print(f"export {export_s:.1f} s; fxfuse.reparametrize(ep) {pass_s:.1f} s: convs {stats.convs}, "
           f"batch_norms {stats.batch_norms}")
-    variants: Dict[str, Tuple[Callable[..., Any], float]] = {"eager original": (_no_grad(model), 0.0),
-                                                             "eager fxfuse program": (_no_grad(fused_ep.module()),
-                                                                                      export_s + pass_s)}
+    variants: Variants = {"eager original": (_no_grad(model), 0.0),
+                          "eager fxfuse program": (_no_grad(fused_ep.module()), export_s + pass_s)}
     with tempfile.TemporaryDirectory() as tmp, cold_inductor():
         for name, program, setup in (("AOTInductor(original program)", ep, export_s),
                                      ("AOTInductor(fxfuse program)", fused_ep, export_s + pass_s)):
@@ -125,14 +130,8 @@ def aoti(model_name: str, batch: int, threads: int, rounds: int, min_run_time: f
         print(f"max |fused - original eager| / max |original| = {((out - ref).abs().max() / ref.abs().max()):.1e}")
         timers = {name: make_timer(fn, (x,), threads) for name, (fn, _) in variants.items()}
         results = interleaved_rounds(timers, rounds, min_run_time)
-    print(f"\n# {model_name}, batch {batch}, {threads} thread(s); torch {torch.__version__}; {cpu_model_name()}; "
-          f"{datetime.date.today().isoformat()}")
-    print("| variant | export + pass + package time (s) | run time (ms, median) | vs AOTInductor(original) |")
-    print("|---|---|---|---|")
-    medians = {name: statistics.median(m.median for m in ms) * 1e3 for name, ms in results.items()}
-    base = medians["AOTInductor(original program)"]
-    for name, (_, setup_s) in variants.items():
-        print(f"| {name} | {setup_s:.1f} | {medians[name]:.2f} | {base / medians[name]:.2f}x |")
+    _print_table(f"{model_name}, batch {batch}, {threads} thread(s)", "export + pass + package time (s)", variants,
+                 results, "AOTInductor(original program)")
 
 
 def pass_time(names: List[str], repeats: int, threads: int) -> None:
