@@ -157,13 +157,36 @@ def reparametrize(
                           "(tensors nested in tuples/lists/dicts are fine) or pass verify=False.")
     plan.record_slots(work, dtypes)
 
-    def rewrite_one(module: nn.Module, gm: fx.GraphModule, calls: Sequence[Call]) -> Tuple[nn.Module, FusionReport]:
-        return _rewrite_graph_module(module, gm, calls, opts, plan)
+    result = _capture_and_rewrite(work, Call(run_args, {}, reference), opts, plan, report, capture, dynamic_shapes,
+                                  fallback)
+    report.frozen_constants = _dtypes.frozen_constants(result, plan)
+    cast = _dtypes.cast_back(result, plan)
+    report.cast_attributes = cast.attributes
+    if inplace:  # the model itself was the float64 working copy: its layers the result no longer uses as well
+        _dtypes.restore_slot_dtypes(work, dtypes)
+    result.eval()
+    check_artifact(result, args, reference, original, opts.rtol, opts.atol, plan, report, cast.overflowed)
+    report.pass_seconds = time.perf_counter() - start
+    result.fxfuse_report = report  # type: ignore[assignment]
+    if isinstance(result, fx.GraphModule):
+        # GraphModule.__deepcopy__ rebuilds the module and drops plain attributes except those listed here.
+        result.meta.setdefault("_user_preserved_attributes", {})["fxfuse_report"] = report
+    return result
 
-    def check_whole(module: nn.Module) -> Comparison:
-        with attributes_preserved(module):  # each check starts from the state the reference run started from
-            return _check(module, [Call(run_args, {}, reference)], opts)
 
+def _has_float_tensor(output: Any) -> bool:
+    """Whether a (nested) output has a floating/complex tensor leaf: the values verification compares."""
+    return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
+
+
+# ------------------------------------------------------------------------------------- the capture choice
+def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _dtypes.DtypePlan,
+                         report: FusionReport, capture: str, dynamic_shapes: Any, fallback: bool) -> nn.Module:
+    """Capture ``work`` and rewrite it (docs/patterns.md, "capture="auto""): symbolic tracing; then
+    ``torch.export`` where requested, where tracing fails or is unfaithful, or where the symbolic result leaves
+    work only capture can explain — the result executing fewer convs + BatchNorms is kept (symbolic on a tie);
+    the per-sub-module fallback last. Fills ``report`` (``capture`` / ``capture_reason`` say which and why)."""
+    run_args, reference = example.args, example.output
     result: Optional[nn.Module] = None
     symbolic_error: Optional[Exception] = None
     chosen: Optional[FusionReport] = None
@@ -174,7 +197,7 @@ def reparametrize(
             symbolic_error = exc
         else:
             try:
-                result, chosen = _rewrite_graph_module(work, gm, [Call(run_args, {}, reference)], opts, plan)
+                result, chosen = _rewrite_graph_module(work, gm, [example], opts, plan)
                 report.capture, report.capture_reason = "symbolic", "traced whole by torch.fx"
             except UnfaithfulTrace as exc:
                 symbolic_error = exc
@@ -217,31 +240,23 @@ def reparametrize(
             raise FusionError(f"model does not trace with torch.fx ({type(symbolic_error).__name__}: "
                               f"{symbolic_error}); pass fallback=True to rewrite its traceable sub-modules"
                               ) from symbolic_error
-        result = rewrite_submodules(work, run_args, rewrite_one, check_whole if verify else None, report,
+
+        def rewrite_one(module: nn.Module, gm: fx.GraphModule, calls: Sequence[Call]
+                        ) -> Tuple[nn.Module, FusionReport]:
+            return _rewrite_graph_module(module, gm, calls, opts, plan)
+
+        def check_whole(module: nn.Module) -> Comparison:
+            with attributes_preserved(module):  # each check starts from the state the reference run started from
+                return _check(module, [example], opts)
+
+        result = rewrite_submodules(work, run_args, rewrite_one, check_whole if opts.verify else None, report,
                                     symbolic_error)
-        report.verify_dtype = _dtypes.dtype_name(_dtypes.leaf_dtype(reference)) if verify else None
+        report.verify_dtype = _dtypes.dtype_name(_dtypes.leaf_dtype(reference)) if opts.verify else None
         report.capture = "submodules"
         report.capture_reason = ("the model does not trace whole with torch.fx"
                                  + (" and torch.export failed" if capture == "auto" else ""))
 
-    report.frozen_constants = _dtypes.frozen_constants(result, plan)
-    cast = _dtypes.cast_back(result, plan)
-    report.cast_attributes = cast.attributes
-    if inplace:  # the model itself was the float64 working copy: its layers the result no longer uses as well
-        _dtypes.restore_slot_dtypes(work, dtypes)
-    result.eval()
-    check_artifact(result, args, reference, original, opts.rtol, opts.atol, plan, report, cast.overflowed)
-    report.pass_seconds = time.perf_counter() - start
-    result.fxfuse_report = report  # type: ignore[assignment]
-    if isinstance(result, fx.GraphModule):
-        # GraphModule.__deepcopy__ rebuilds the module and drops plain attributes except those listed here.
-        result.meta.setdefault("_user_preserved_attributes", {})["fxfuse_report"] = report
     return result
-
-
-def _has_float_tensor(output: Any) -> bool:
-    """Whether a (nested) output has a floating/complex tensor leaf: the values verification compares."""
-    return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
 
 
 # ------------------------------------------------------------------------------------- one graph
