@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -61,10 +62,21 @@ COPY_FUNCS = (aten.copy.default,)  # copy(dst, src): src broadcast to dst's shap
 FILL_FUNCS = (aten.fill.Scalar, aten.fill.Tensor)  # fill(dst, value): value broadcast to dst's shape
 EXPAND_FUNCS = (aten.expand.default, aten.expand_copy.default)  # (input, size): a broadcast
 
+# ``ExportedProgram.module()`` checks the input shapes it was specialized to in a ``call_module`` of this name (no
+# users, no output): a guard on the graph inputs, not an op of the model.
+EXPORT_GUARD_MODULES = ("_guards_fn",)
+
+
+def is_input_guard(node: fx.Node) -> bool:
+    """The input-shape guard ``torch.export`` puts in an unlifted module (``call_module _guards_fn``)."""
+    return node.op == "call_module" and node.target in EXPORT_GUARD_MODULES
+
+
 # ------------------------------------------------------------------------------ no-ops in eval mode
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                 aten.dropout.default)  # aten.dropout(input, p, train)
+                 aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+                 aten.feature_alpha_dropout.default)  # the ATen ones: (input, p, train)
 
 # Modules whose behaviour is exactly their torch.nn class's: a subclass overriding forward is opaque.
 STOCK_FORWARDS = {cls.forward for cls in (  # type: ignore[attr-defined]
@@ -89,12 +101,46 @@ ARITH_METHODS: Dict[str, Tuple[str, bool]] = {
     "div": ("div", False), "__truediv__": ("div", False), "div_": ("div", True)}
 
 
+# rsub(input, other, alpha=1) = other − alpha·input: ATen's spelling of ``c - t`` for a Python number ``c``.
+RSUB_FUNCS: Tuple[Callable[..., Any], ...] = (torch.rsub, aten.rsub.Scalar, aten.rsub.Tensor)
+
+
 def arithmetic(node: fx.Node) -> Optional[Tuple[str, bool]]:
-    """``(op, in_place)`` with ``op`` in ``add / sub / mul / div`` if ``node`` is binary arithmetic, else None."""
+    """``(op, in_place)`` with ``op`` in ``add / sub / mul / div`` if ``node`` is binary arithmetic whose
+    positional arguments are ``(a, b)`` in that order, else None (``rsub``: see :func:`binary`)."""
     if node.op == "call_function" and node.target in ARITH_FUNCS:
         return ARITH_FUNCS[node.target]
     if node.op == "call_method" and node.target in ARITH_METHODS:
         return ARITH_METHODS[str(node.target)]
+    return None
+
+
+@dataclass(frozen=True)
+class Binary:
+    """``node = a op alpha·b`` (``alpha`` is 1 except for ``add`` / ``sub`` given one); ``in_place``: ``a`` is
+    written."""
+
+    op: str
+    in_place: bool
+    a: Any
+    b: Any
+    alpha: Any
+
+
+def binary(node: fx.Node) -> Optional[Binary]:
+    """Binary arithmetic in any spelling with its operands in math order: ``a + b``, ``torch.add(a, b,
+    alpha=k)``, ``a.sub_(b)``, ``aten.mul.Scalar(a, 2)`` … and ``rsub(input, other, alpha)`` as ``other −
+    alpha·input``. None for anything else, or with keyword arguments other than ``alpha`` (``rounding_mode``)."""
+    parsed = arithmetic(node)
+    if parsed is not None:
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            return None
+        return Binary(parsed[0], parsed[1], node.args[0], node.args[1], node.kwargs.get("alpha", 1))
+    if node.op == "call_function" and node.target in RSUB_FUNCS:
+        if len(node.args) not in (2, 3) or set(node.kwargs) - {"alpha"} or (len(node.args) == 3 and node.kwargs):
+            return None
+        alpha = node.args[2] if len(node.args) == 3 else node.kwargs.get("alpha", 1)
+        return Binary("sub", False, node.args[1], node.args[0], alpha)
     return None
 
 

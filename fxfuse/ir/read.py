@@ -272,22 +272,19 @@ class Reader:
 
     # -- sums -------------------------------------------------------------------------------------
     def sum(self, node: fx.Node) -> Optional[SumRead]:
-        """Binary add/sub of two non-constant tensors (see :class:`SumRead`)."""
-        parsed = ops.arithmetic(node)
-        if parsed is None or parsed[0] not in ("add", "sub"):
+        """Binary add/sub (``rsub``) of two non-constant tensors (see :class:`SumRead`)."""
+        parsed = ops.binary(node)
+        if parsed is None or parsed.op not in ("add", "sub"):
             return None
-        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
-            return None
-        a, b = node.args
+        a, b, alpha = parsed.a, parsed.b, parsed.alpha
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
             return None
         if self.constants.tensor(a) is not None or self.constants.tensor(b) is not None:
             return None
-        alpha = node.kwargs.get("alpha", 1)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             return None
-        sign = 1.0 if parsed[0] == "add" else -1.0
-        return SumRead(((1.0, a), (sign * float(alpha), b)), parsed[1])
+        sign = 1.0 if parsed.op == "add" else -1.0
+        return SumRead(((1.0, a), (sign * float(alpha), b)), parsed.in_place)
 
     # -- linear --------------------------------------------------------------------------------
     def linear(self, node: fx.Node) -> Optional[LinearRead]:
@@ -369,12 +366,13 @@ class Reader:
             return Refusal("batch_norm without running statistics normalizes by batch statistics")
         if bn is not None:
             training_at, eps_at = ops.BATCH_NORM_ATEN[bn.target]
-            if training_at is not None and arg(bn, training_at, "training", False) is not False:
-                return Refusal("batch_norm(training=True) uses batch statistics")
             w_arg, b_arg, rm_arg, rv_arg = (arg(bn, i, n) for i, n in
                                             ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+            # (no running statistics first: an eval BatchNorm without them is exported with training=True)
             if rm_arg is None or rv_arg is None:
                 return Refusal("batch_norm without running statistics normalizes by batch statistics")
+            if training_at is not None and arg(bn, training_at, "training", False) is not False:
+                return Refusal("batch_norm(training=True) uses batch statistics")
             rm, rv = self.constants.tensor(rm_arg), self.constants.tensor(rv_arg)
             w = None if w_arg is None else self.constants.tensor(w_arg)
             b = None if b_arg is None else self.constants.tensor(b_arg)
@@ -403,16 +401,12 @@ class Reader:
         return None
 
     def _arith_affine(self, node: fx.Node, axis: int) -> Optional[AffineRead]:
-        parsed = ops.arithmetic(node)
-        if parsed is None or parsed[1]:
+        parsed = ops.binary(node)  # (no rounding_mode: a div with one is not read)
+        if parsed is None or parsed.in_place:
             return None
-        op = parsed[0]
-        if len(node.args) != 2 or any(k not in ("alpha",) for k in node.kwargs):
+        op, a, b, alpha = parsed.op, parsed.a, parsed.b, parsed.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             return None
-        if op == "div" and node.kwargs.get("rounding_mode") is not None:
-            return None
-        a, b = node.args
-        alpha = node.kwargs.get("alpha", 1)
         ca, cb = self.constants.tensor(a), self.constants.tensor(b)
         if isinstance(a, fx.Node) and ca is None and cb is not None:
             x, c, x_first = a, cb, True

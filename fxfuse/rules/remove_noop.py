@@ -21,11 +21,11 @@ _NEUTRAL = {"add": (0, 0), "sub": (None, 0), "mul": (1, 1), "div": (None, 1)}  #
 
 def _neutral_operand(ctx: RewriteContext, node: fx.Node) -> Optional[fx.Node]:
     """``t`` if ``node`` is ``t`` combined with a neutral number (see the module docstring), else None."""
-    parsed = ops.arithmetic(node)
-    if parsed is None or parsed[1] or len(node.args) != 2 or node.kwargs:
+    parsed = ops.binary(node)
+    if parsed is None or parsed.in_place or isinstance(parsed.alpha, bool) or parsed.alpha != 1:
         return None
-    a, b = node.args
-    left, right = _NEUTRAL[parsed[0]]
+    a, b = parsed.a, parsed.b
+    left, right = _NEUTRAL[parsed.op]
     if isinstance(b, fx.Node) and not isinstance(a, bool) and isinstance(a, (int, float)) and a == left \
             and left is not None:
         tensor = b
@@ -51,7 +51,7 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             and (isinstance(mod, nn.Identity) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training)):
         source = first
     elif isinstance(first, fx.Node) and node.op == "call_function" and node.target in ops.DROPOUT_FUNCS \
-            and arg(node, 2, "training", True) is False:
+            and arg(node, 2, "training", node.kwargs.get("train", True)) is False:  # (ATen: `train`)
         source = first
     else:
         source = _neutral_operand(ctx, node)
