@@ -9,7 +9,10 @@ the op counts alone would look unchanged; the rollback is what shows it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import dataclasses
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 import torch
@@ -17,8 +20,27 @@ import torchvision
 from torch import fx, nn
 
 from fxfuse import GraphStats, RewriteContext
+from fxfuse.ir import ops
 from fxfuse.models import randomize_batchnorm_
 from fxfuse.testing import assert_reparametrizes
+
+_CAPTURE: ContextVar[str] = ContextVar("fxfuse_test_capture", default="auto")
+
+
+def current_capture() -> str:
+    """The ``capture`` :func:`fuse_and_check` passes when the test gives none: ``"auto"``, or what the
+    ``capture`` fixture of tests/rules/conftest.py set for this run of the test (``"export"``)."""
+    return _CAPTURE.get()
+
+
+@contextmanager
+def default_capture(capture: str) -> Iterator[str]:
+    """Within the block, :func:`fuse_and_check` (and :func:`assert_wrong_rewrite_caught`) default to ``capture``."""
+    token = _CAPTURE.set(capture)
+    try:
+        yield capture
+    finally:
+        _CAPTURE.reset(token)
 
 
 def fuse_and_check(model: nn.Module, x: Any, *, seed: int = 0, rtol: float = 1e-10, second: Any = None,
@@ -27,14 +49,35 @@ def fuse_and_check(model: nn.Module, x: Any, *, seed: int = 0, rtol: float = 1e-
     copy's BN statistics (``seed``), reparametrize it in float64, assert equal outputs on ``x``, on another batch
     and on ``second`` (another input, e.g. another spatial size), the copy untouched and ``report.rolled_back``
     empty. ``kwargs`` go to ``assert_reparametrizes`` / ``reparametrize`` (``rules=``, ``enable=``, ``expect_*`` …).
-    Returns the fused model (float64)."""
+    ``capture`` defaults to :func:`current_capture`. Returns the fused model (float64)."""
     kwargs.setdefault("expect_batch_norms", None)
+    kwargs.setdefault("capture", current_capture())
+    if second is not None and kwargs["capture"] == "export" and "dynamic_shapes" not in kwargs:
+        # Export specializes every dim but the batch: the dims in which ``second`` differs are exported dynamic,
+        # so the same fused graph is checked at both sizes (as a symbolic graph is).
+        dims = _varying_dims(x, second)
+        if dims is not None:
+            kwargs["dynamic_shapes"] = dims
     extra = () if second is None else (second,)
     return assert_reparametrizes(model, x, seed=seed, rtol=rtol, extra_inputs=extra, **kwargs)
 
 
+def _varying_dims(x: Any, second: Any) -> Any:
+    """``dynamic_shapes`` for one tensor input: dim 0 and every other dim whose size differs between ``x`` and
+    ``second`` marked ``Dim.AUTO`` (torch.export infers the range; a dim the model pins stays static, and the check
+    on ``second`` then fails); None when only the batch differs."""
+    if not isinstance(x, torch.Tensor) or not isinstance(second, torch.Tensor) or x.dim() != second.dim() \
+            or x.shape[1:] == second.shape[1:]:
+        return None  # only the batch differs: the default capture already exports it dynamic
+    return ({i: torch.export.Dim.AUTO for i in range(x.dim()) if i == 0 or x.shape[i] != second.shape[i]},)
+
+
 def stats(gm: fx.GraphModule) -> GraphStats:
-    return GraphStats.of(gm)
+    """:class:`GraphStats` of ``gm``, with ``nodes`` not counting the input-shape guard an exported graph carries
+    (``call_module _guards_fn``, :func:`fxfuse.ir.ops.is_input_guard`): it checks the inputs, computes nothing,
+    and is there before and after fusion, so node counts mean the same under both captures."""
+    s = GraphStats.of(gm)
+    return dataclasses.replace(s, nodes=s.nodes - sum(ops.is_input_guard(n) for n in gm.graph.nodes))
 
 
 def fused_counts(gm: nn.Module) -> Dict[str, int]:

@@ -1,6 +1,7 @@
 """Rule ``fold_constants``: a value computed only from parameters, buffers and constants becomes one parameter,
 evaluated once in float64 (docs/patterns.md, `fold_constants`)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ def _ops(fused: nn.Module) -> list:
     return [n for n in fused.graph.nodes if n.op in ("call_function", "call_method")]
 
 
+@pytest.mark.fixed_capture("loops over both captures itself")
 def test_mask_times_kernel_becomes_a_parameter() -> None:
     for capture in ("symbolic", "export"):
         fused = fuse_and_check(MaskedConv(), torch.randn(2, 3, 5, 5), capture=capture)
@@ -44,16 +46,16 @@ def test_mask_times_kernel_becomes_a_parameter() -> None:
 
 
 def test_kernel_composed_by_a_conv_is_evaluated_once() -> None:
-    fused = fuse_and_check(ComposedKernel(), torch.randn(2, 3, 5, 5), capture="export")
+    fused = fuse_and_check(ComposedKernel(), torch.randn(2, 3, 5, 5))
     assert stats(fused).convs == 1 and fused_counts(fused).get("fold_constants") == 1
 
 
-def test_folded_constant_gets_the_model_dtype_back() -> None:
+def test_folded_constant_gets_the_model_dtype_back(capture: str) -> None:
     torch.manual_seed(0)
     model, x = MaskedConv().float().eval(), torch.randn(2, 3, 5, 5)
     import fxfuse
 
-    fused = fxfuse.reparametrize(model, x)
+    fused = fxfuse.reparametrize(model, x, capture=capture)
     assert {p.dtype for p in fused.parameters()} == {torch.float32}
     with torch.no_grad():
         assert (fused(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
@@ -70,5 +72,5 @@ def test_a_view_of_a_parameter_is_not_copied() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return F.conv2d(x, self.w.view(4, 3, 3, 3))
 
-    fused = fuse_and_check(Viewed(), torch.randn(2, 3, 5, 5), capture="symbolic")
+    fused = fuse_and_check(Viewed(), torch.randn(2, 3, 5, 5))
     assert_not_fired(fused, "fold_constants")

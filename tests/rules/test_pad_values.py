@@ -2,11 +2,14 @@
 per-channel affine, 1x1 conv) ⇒ ``f`` after a zero pad (docs/patterns.md, `pad_values`). Slice assignment does
 not trace symbolically, so these run through ``capture="export"``."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from _helpers import assert_skipped, fuse_and_check, fused_counts, stats
+
+pytestmark = pytest.mark.fixed_capture("export: slice assignment does not trace symbolically")
 
 
 def bn_zero(bn: nn.BatchNorm2d) -> Tensor:
