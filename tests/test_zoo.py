@@ -9,11 +9,14 @@ rewritten sub-modules checked in float64). The default run covers a representati
 * structure: no BatchNorm left whose input is a conv/linear with no other real user (checked on every fx graph in
   the result), the BatchNorms still executed are exactly the ones that cannot fold (``BN_LEFT``), no conv added;
 * the input model's ``state_dict`` is bit-identical afterwards;
-* untraceable models (detection) go through the sub-module fallback and the report says what was rewritten.
+* untraceable models (detection) go through the sub-module fallback and the report says what was rewritten;
+* capture: every row records ``report.capture`` (symbolic / export / submodules) and why; a fallback row says why
+  torch.export failed and where in the model's code, and the table, the capture notes and the JSON rows show it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -76,6 +79,11 @@ def test_zoo_subset(name: str) -> None:
     assert row.untraced_bns == []
     if name in FALLBACK:
         assert row.status == "fallback"
+        assert row.capture == "submodules", (row.capture, row.capture_reason)
+        # capture="auto" tried torch.export too; the row says why it failed: NMS branches on the number of boxes
+        export_why = row.export_error or row.capture_reason
+        assert "GuardOnDataDependentSymNode" in export_why and "torchvision/ops/boxes.py" in export_why, export_why
+        assert zoo.export_failure_kind(export_why) == zoo.DATA_DEPENDENT
         assert row.submodules["<root>"].startswith("not traced")
         assert row.submodules["backbone"].startswith("rewritten")
         # every sub-module the fallback looked at is accounted for: rewritten, or why not
@@ -83,6 +91,9 @@ def test_zoo_subset(name: str) -> None:
                    for why in row.submodules.values()), row.submodules
     else:
         assert row.status == "ok"
+        assert row.capture == "symbolic" and row.capture_reason.startswith("traced whole by torch.fx"), \
+            (row.capture, row.capture_reason)
+        assert row.export_error == ""
 
 
 def test_fallback_report_and_untouched_input() -> None:
@@ -195,6 +206,102 @@ def test_zoo_runs_as_a_module() -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--models" in proc.stdout and "--pass-speed" in proc.stdout
+
+
+class _DataDependent(torch.nn.Module):
+    """A branch on a value computed from the data: torch.export cannot capture it as one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent
+            return y
+        return -y
+
+
+def test_export_probe_names_the_failing_line() -> None:
+    """The export probe (``reparametrize(capture="export")``) reports the innermost exception and the line of the
+    model's code where torch.export stopped, and classifies a data-dependent branch as torch.export's limit and a
+    failure located in fxfuse as fxfuse's; a model that export captures and fuses gives ``""``."""
+    why = zoo.export_probe(_DataDependent().eval(), (torch.randn(2, 3, 4, 4),))
+    assert why.startswith("GuardOnDataDependentSymNode: "), why
+    assert "tests/test_zoo.py" in why and "in forward: `if y.sum() > 0:  # data-dependent`" in why, why
+    assert zoo.export_failure_kind(why) == zoo.DATA_DEPENDENT
+    net = randomize_batchnorm_(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))).eval()
+    assert zoo.export_probe(net, (torch.randn(2, 3, 4, 4),)) == ""
+    assert zoo.export_failure_kind("TypeError: unsupported input") == ""
+    fx_side = "RuntimeError: dtype mismatch [at fxfuse/capture/shapes.py:42 in call_module: `return f(x)`]"
+    assert zoo.export_failure_kind(fx_side) == zoo.IN_FXFUSE
+
+
+def _fake_row(name: str, capture: str, reason: str, status: str = "ok", export_error: str = "") -> zoo.ZooRow:
+    return zoo.ZooRow(name, "detection", "1x3x8x8", status=status, detail="1 sub-modules rewritten",
+                      convs=(4, 4), batch_norms=(2, 0), rewrites=2, rewrites_by_rule={"conv_bn": 2},
+                      max_rel_error=1e-16, capture=capture, capture_reason=reason, export_error=export_error)
+
+
+def test_render_has_a_capture_column_and_notes() -> None:
+    """The table's capture column holds report.capture per row (``—`` when refused); rows not captured
+    symbolically (or where export was tried) are marked † and listed in the capture notes with their reason and,
+    for a fallback, the export error and whether it is torch.export's limit; the summary counts each capture."""
+    guard = "GuardOnDataDependentSymNode: Could not guard [at torchvision/ops/boxes.py:103 in f: `if n == 0:`]"
+    rows = [
+        _fake_row("plain", "symbolic", "traced whole by torch.fx"),
+        _fake_row("tried", "symbolic", "traced whole by torch.fx; export reached no fewer convs + BatchNorms (3 vs 3)"),
+        _fake_row("exported", "export", "symbolic tracing failed (TraceError: x); torch.export in 1.00 s, static"),
+        _fake_row("fellback", "submodules", "the model does not trace whole with torch.fx and torch.export failed",
+                  status="fallback", export_error=guard),
+        _fake_row("refusedone", "", "", status="refused"),
+    ]
+    text = zoo.render(rows, "# header", None)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[-2:] == ["capture", "status |"], table[0]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[-2] for line in table[1:]}
+    assert cells == {"plain": "symbolic", "tried": "symbolic †", "exported": "export †",
+                     "fellback": "submodules †", "refusedone": "—"}, cells
+    assert "Capture: 2 symbolic, 1 export, 1 submodules." in text
+    notes = text.split("## Capture notes", 1)[1].split("\n## ", 1)[0]
+    assert "**plain**" not in notes and "**refusedone**" not in notes
+    assert "- **tried** (`symbolic`): traced whole by torch.fx; export reached no fewer" in notes
+    assert "- **exported** (`export`): symbolic tracing failed" in notes
+    fell = notes.split("- **fellback** (`submodules`): ", 1)[1]
+    assert guard.replace("|", "\\|") in fell and zoo.DATA_DEPENDENT in fell
+    assert "- capture: `submodules` (the model does not trace whole" in text  # in the model's own section
+
+
+def test_zoo_cli_writes_the_capture_column(tmp_path) -> None:
+    """``python -m benchmarks.zoo`` end to end on one model: the markdown table and the JSON rows carry the
+    capture, and ``--note`` lands in the header."""
+    from benchmarks.zoo.__main__ import main
+
+    md, js = tmp_path / "zoo.md", tmp_path / "zoo.json"
+    assert main(["--models", "resnet18", "--no-speed", "--no-pass-speed", "--out", str(md), "--json", str(js),
+                 "--note", "Shared machine."]) == 0
+    text = md.read_text()
+    assert "Shared machine." in text.splitlines()[2] and "--note 'Shared machine.'" in text.splitlines()[2]
+    row = next(line for line in text.splitlines() if line.startswith("| resnet18 |"))
+    assert row.split(" | ")[-2:] == ["symbolic", "ok |"], row
+    (data,) = json.loads(js.read_text())
+    assert data["capture"] == "symbolic" and data["capture_reason"].startswith("traced whole by torch.fx")
+    assert data["export_error"] == ""
+    # --from-json writes the same report again; a later run's rows replace those of the same model
+    again = tmp_path / "again.md"
+    assert main(["--from-json", str(js), "--out", str(again)]) == 0
+    assert again.read_text() == text
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps([dict(data, capture="export", capture_reason="requested")]))
+    (tmp_path / "later.json.meta.json").write_text(json.dumps(
+        dict(json.loads((tmp_path / "zoo.json.meta.json").read_text()), command="python -m benchmarks.zoo X")))
+    merged = tmp_path / "merged.md"
+    assert main(["--from-json", f"{js},{later}", "--out", str(merged)]) == 0
+    mtext = merged.read_text()
+    assert "Rows of resnet18 come from a later run: `python -m benchmarks.zoo X`" in mtext.splitlines()[2]
+    row = next(line for line in mtext.splitlines() if line.startswith("| resnet18 |"))
+    assert row.split(" | ")[-2:] == ["export †", "ok |"], row
+    assert sum(line.startswith("| resnet18 |") for line in mtext.splitlines()) == 1
 
 
 SLOW = [n for n in zoo.all_models() if n not in DEFAULT]

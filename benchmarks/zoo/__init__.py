@@ -5,7 +5,10 @@ flow; the ``quantized_*`` entries are built in float with ``quantize=False``) is
 ``weights_backbone=None``), its BatchNorm statistics randomized (:func:`fxfuse.models.randomize_batchnorm_`), put
 in eval mode and cast to float64 (:mod:`.cases`). Then, per model (:func:`.checks.check_model`):
 
-* ``fused = reparametrize(model, x)`` (``verify=True``): the pass time is measured;
+* ``fused = reparametrize(model, x)`` (``verify=True``, ``capture="auto"``): the pass time is measured, and which
+  front end captured the model is recorded (``report.capture``: symbolic / export / submodules, and
+  ``report.capture_reason``); for a sub-module fallback :func:`.checks.export_probe` records why ``torch.export``
+  could not capture the whole model and at which line of the model's code it stopped;
 * outputs equal (:func:`fxfuse.verify.compare`): ``max|fused(x) - model(x)| <= 1e-9 · max|model(x)|`` per output
   tensor, in float64, on ``x`` and on a second input of another batch size (integer outputs, e.g. detection
   labels, must be equal; output dtypes must not change);
@@ -30,17 +33,20 @@ From the repository root (``make zoo``)::
     python -m benchmarks.zoo                          # every model, writes docs/zoo.md
     python -m benchmarks.zoo --models resnet18,r3d_18 --out /tmp/zoo.md
     python -m benchmarks.zoo --pass-speed             # resnet152 pass time and resnet50/152 linearity only
+    python -m benchmarks.zoo --json rows.json --note "Machine shared with other jobs."   # rows as JSON too
 """
 
 from .cases import ZooCase, all_models, cast_floats, model_kind, zoo_case
-from .checks import (FLOAT32_RTOL, RTOL, SubmoduleCheck, ZooRow, check_model, conditioning,
-                     float64_submodule_check, max_rel_error, remaining_bn_inputs, run_counted, state_fingerprint,
-                     unfused_conv_bn, untraced_batch_norms)
+from .checks import (DATA_DEPENDENT, FLOAT32_RTOL, IN_FXFUSE, RTOL, SubmoduleCheck, ZooRow, check_model, conditioning,
+                     export_failure, export_failure_kind, export_probe, float64_submodule_check, max_rel_error,
+                     remaining_bn_inputs, run_counted, state_fingerprint, unfused_conv_bn, untraced_batch_norms)
 from .render import render, render_pass_speed
 from .speed import pass_speed, speed_ratio
 
 __all__ = [
+    "DATA_DEPENDENT",
     "FLOAT32_RTOL",
+    "IN_FXFUSE",
     "RTOL",
     "SubmoduleCheck",
     "ZooCase",
@@ -49,6 +55,9 @@ __all__ = [
     "cast_floats",
     "check_model",
     "conditioning",
+    "export_failure",
+    "export_failure_kind",
+    "export_probe",
     "float64_submodule_check",
     "max_rel_error",
     "model_kind",

@@ -5,21 +5,57 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from . import __doc__ as ZOO_DOC
 from .cases import all_models
-from .checks import check_model
+from .checks import SubmoduleCheck, ZooRow, check_model
 from .render import err_text, header, machine, ratio_text, render, render_pass_speed, status_text
 from .speed import pass_speed
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "python -m benchmarks.zoo"
+
+
+def row_from_json(data: Dict[str, Any]) -> ZooRow:
+    """A :class:`ZooRow` back from its ``--json`` form (tuples and nested checks restored; keys a row of another
+    harness version lacks take their defaults)."""
+    known = {f.name for f in fields(ZooRow)}
+    kw = {k: v for k, v in data.items() if k in known}
+    for key in ("convs", "batch_norms"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    kw["submodule_checks"] = {k: SubmoduleCheck(**v) for k, v in kw.get("submodule_checks", {}).items()}
+    return ZooRow(**kw)
+
+
+def rerender(paths: Sequence[str], out: str) -> int:
+    """Write the report from saved runs instead of running: ``paths`` are ``--json`` files, each with its
+    ``.meta.json`` (command, date, note, pass speed); rows of a later file replace the rows of the same model in an
+    earlier one (a partial re-run merged into a full sweep), in the first file's model order. The header is the
+    first file's, plus a line naming each merged run."""
+    metas = [json.loads(Path(p + ".meta.json").read_text()) for p in paths]
+    rows: Dict[str, ZooRow] = {}
+    for p in paths:
+        for data in json.loads(Path(p).read_text()):
+            rows[data["name"]] = row_from_json(data)
+    first = metas[0]
+    note = first.get("note", "")
+    for p, meta in zip(paths[1:], metas[1:]):
+        names = [d["name"] for d in json.loads(Path(p).read_text())]
+        note += (f" Rows of {', '.join(names)} come from a later run: `{meta['command']}`, {meta['date']}"
+                 f"{' (' + meta['note'].strip() + ')' if meta.get('note', '').strip() else ''}.")
+    text = render(list(rows.values()), header(first["command"], first["date"], first["min_run_time"], note,
+                                              first.get("machine")), first.get("speed_info"))
+    Path(out).write_text(text)
+    print(f"wrote {out} from {', '.join(paths)}")
+    return 1 if any(not r.passed for r in rows.values()) else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,9 +69,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--pass-speed", action="store_true", help="only measure the resnet50/152 pass speed")
     p.add_argument("--no-pass-speed", action="store_true", help="skip the resnet50/152 pass-speed section")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
+    p.add_argument("--note", default="", help="a sentence about the run for the report's header (e.g. the load)")
+    p.add_argument("--from-json", default="", help="comma-separated --json files of earlier runs: write --out from "
+                   "them (later files' rows replace earlier ones of the same model) instead of running")
     args = p.parse_args(argv)
+    if args.from_json:
+        return rerender([x.strip() for x in args.from_json.split(",") if x.strip()], args.out)
     torch.set_num_threads(args.threads)
-    command = f"{COMMAND} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"{COMMAND} " + shlex.join(argv if argv is not None else sys.argv[1:])
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     speed_info = None
     if not args.no_pass_speed:
@@ -45,19 +86,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.pass_speed:
             return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()] or all_models()
+    if args.json:  # what --from-json needs to write the report again
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json + ".meta.json").write_text(json.dumps(
+            {"command": command.strip(), "date": date, "min_run_time": args.min_run_time, "note": args.note,
+             "machine": machine(), "speed_info": speed_info}, indent=1, default=str))
     rows = []
     for i, name in enumerate(names):
         row = check_model(name, speed=not args.no_speed, min_run_time=args.min_run_time)
         rows.append(row)
-        print(f"[{i + 1}/{len(names)}] {name}: {status_text(row)} | convs {row.convs} bns {row.batch_norms} "
+        print(f"[{i + 1}/{len(names)}] {name}: {status_text(row)} | capture {row.capture or '-'} | "
+              f"convs {row.convs} bns {row.batch_norms} "
               f"rewrites {row.rewrites} pass {row.pass_s:.2f}s err {err_text(row)} "
               f"speed {ratio_text(row.speed_ratio)} ({row.seconds:.0f}s)", flush=True)
         if row.status == "FAIL" and row.detail:
             print(row.detail, flush=True)
+        if args.json:  # after every model, so that a long sweep that stops keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(rows, header(command, date, args.min_run_time), speed_info))
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
+    Path(args.out).write_text(render(rows, header(command, date, args.min_run_time, args.note), speed_info))
     print(f"wrote {args.out}; {sum(not r.passed for r in rows)} failure(s)")
     return 1 if any(not r.passed for r in rows) else 0
 

@@ -8,16 +8,19 @@ import copy
 import gc
 import hashlib
 import math
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple, cast
 
 import torch
 from torch import Tensor, fx, nn
 
 import fxfuse
 from fxfuse.capture import capture_calls
+from fxfuse.capture import export as fx_export
+from fxfuse.report import FusionReport
 from fxfuse.ir.ops import function_kind, module_kind, op_kind, real_users
 from fxfuse.tools.executed_ops import run_counting
 from fxfuse.verify import compare
@@ -112,7 +115,7 @@ def remaining_bn_inputs(result: nn.Module) -> Dict[str, int]:
 
 def untraced_batch_norms(result: nn.Module) -> List[str]:
     """BatchNorm modules of ``result`` that no fx graph calls (they run from untraced Python code)."""
-    in_graph = set()
+    in_graph: Set[int] = set()
     for gm in result.modules():
         if isinstance(gm, fx.GraphModule):
             mods = dict(gm.named_modules())
@@ -182,7 +185,7 @@ def float64_submodule_check(model: nn.Module, fused: nn.Module, args: Tuple[Any,
     ``model``, cast to float64 and reparametrized on the (float64) inputs it received; that rewrite must equal
     the float64 sub-module (relative error <= 1e-9) and, rounded to the model's dtype, be exactly the sub-module
     shipped in ``fused`` (same code, bit-identical parameters)."""
-    report = fused.fxfuse_report
+    report = cast(FusionReport, fused.fxfuse_report)
     paths = [p for p, why in report.submodules.items() if why.startswith("rewritten")]
     recorded = capture_calls(model, args)  # fxfuse's own fallback capture: inputs of every sub-module call
     records = {p: [(c.args, c.kwargs) for c in recorded.get(id(model.get_submodule(p)), [])] for p in paths}
@@ -211,6 +214,77 @@ def float64_submodule_check(model: nn.Module, fused: nn.Module, args: Tuple[Any,
             check.detail = (f"float64 error {check.error:.3g}, shipped sub-module "
                             f"{'is' if check.same_as_shipped else 'is NOT'} the float64 rewrite rounded once")
     return out
+
+
+# ------------------------------------------------------------------------------------------- capture
+DATA_DEPENDENT = ("torch.export's limit: a Python branch on a value computed from the input's data (e.g. the "
+                  "number of boxes left after score filtering) cannot be captured as one graph")
+IN_FXFUSE = ("raised inside fxfuse, not by torch.export: torch.export captured the model and fxfuse's rewrite of the "
+             "captured ATen graph failed (an fxfuse bug)")
+# Frames that are not "where it stopped": torch itself, the harness, and fxfuse's calls into torch.export.
+_NOT_THE_SITE = ("/torch/", "/benchmarks/zoo/", "/contextlib.py", "fxfuse/api.py", "fxfuse/capture/export.py")
+
+
+def _site(frame: traceback.FrameSummary) -> str:
+    path = frame.filename.replace("\\", "/")
+    for marker in ("site-packages/", "/work/main/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f"{path}:{frame.lineno} in {frame.name}{code}"
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first (``__cause__``, else an unsuppressed
+    ``__context__``: what Python's own traceback display follows)."""
+    chain = [exc]
+    while len(chain) < 8:
+        e = chain[-1]
+        nxt = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    return chain
+
+
+def export_failure(exc: BaseException) -> str:
+    """``"Type: first line [at file:line in function: `code`]"`` for an exception out of an export capture: the
+    innermost exception of the chain, and where it stopped: the deepest traceback frame outside torch, this harness
+    and fxfuse's calls into torch.export (a line of the model's code, or of fxfuse when the failure is fxfuse's);
+    else the ``Caused by: (...)`` location torch puts in data-dependent errors."""
+    chain = _chain(exc)
+    root = chain[-1]
+    text = f"{type(root).__name__}: {fx_export._first_line(root, 200)}"
+    for e in reversed(chain):
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not any(part in f.filename.replace("\\", "/") for part in _NOT_THE_SITE)]
+        if frames:
+            return f"{text} [at {_site(frames[-1])}]"
+    caused = re.search(r"Caused by: \(([^)]*)\)", "\n".join(str(e) for e in chain))
+    return f"{text} [at {caused.group(1)}]" if caused else text
+
+
+def export_failure_kind(failure: str) -> str:
+    """Whose limit an export failure (:func:`export_failure`) is, when its text says: torch.export's
+    (:data:`DATA_DEPENDENT`) or fxfuse's own (:data:`IN_FXFUSE`); ``""`` otherwise."""
+    if "GuardOnDataDependentSymNode" in failure or "data-dependent" in failure or "data dependent" in failure:
+        return DATA_DEPENDENT
+    if "[at fxfuse/" in failure:
+        return IN_FXFUSE
+    return ""
+
+
+def export_probe(model: nn.Module, args: Tuple[Any, ...]) -> str:
+    """Why ``reparametrize(model, args, capture="export")`` fails (:func:`export_failure` of its exception chain:
+    torch.export's own error and the line of the model's code where it stopped, or the fxfuse error when the
+    capture worked and the rewrite failed); ``""`` when it succeeds. Run by the harness for models the pass
+    rewrote per sub-module, whose ``report.capture_reason`` does not carry that error. The model is not modified
+    (``reparametrize`` works on a copy)."""
+    try:
+        fxfuse.reparametrize(model, args, capture="export")
+    except Exception as exc:  # any failure is the answer
+        return export_failure(exc)
+    return ""
 
 
 # ------------------------------------------------------------------------------------------- one model
@@ -245,6 +319,9 @@ class ZooRow:
     conditioning: float = math.nan  # output change under a ~1e-15 weight perturbation (refused / error > 1e-12)
     submodule_checks: Dict[str, SubmoduleCheck] = field(default_factory=dict)
     max_rel_error_f64: float = math.nan  # float32-only models: worst float64 error over rewritten sub-modules
+    capture: str = ""  # report.capture: symbolic | export | submodules ("" when refused / crashed)
+    capture_reason: str = ""  # report.capture_reason
+    export_error: str = ""  # submodules: why torch.export failed (export_probe), when capture_reason does not say
 
     @property
     def passed(self) -> bool:
@@ -300,7 +377,8 @@ def _check(case: ZooCase, row: ZooRow, speed: bool, min_run_time: float) -> None
             row.failures.append("input model modified")
         return
     row.pass_s = time.perf_counter() - t0
-    report = fused.fxfuse_report
+    report = cast(FusionReport, fused.fxfuse_report)
+    row.capture, row.capture_reason = report.capture, report.capture_reason
 
     row.state_untouched = state_fingerprint(model) == before_state
     if not row.state_untouched:
@@ -312,13 +390,21 @@ def _check(case: ZooCase, row: ZooRow, speed: bool, min_run_time: float) -> None
     del out1, ref1
     with torch.no_grad():
         ref2 = model(*x2)
-        out2 = fused(*x2)
-        err2 = max_rel_error(ref2, out2)
-        del ref2, out2
+        ran2 = True
+        try:
+            out2 = fused(*x2)
+        except Exception as exc:  # e.g. a graph exported with static shapes refuses another batch size
+            row.failures.append(f"the fused model does not run on the second input (batch {case.batches[1]}), "
+                                f"which the original runs: {type(exc).__name__}: {fx_export._first_line(exc, 200)}")
+            err2, ran2 = math.inf, False
+        else:
+            err2 = max_rel_error(ref2, out2)
+            del out2
+        del ref2
     row.max_rel_error = max(err1, err2)
-    if row.max_rel_error > 1e-12 and float64 and math.isnan(row.conditioning):  # model's own noise amplification?
-        row.conditioning = conditioning(model, x1, run_counted(model, x1)[0])
-    if not row.max_rel_error <= tolerance:
+    if row.max_rel_error > 1e-12 and float64 and math.isnan(row.conditioning) and ran2:
+        row.conditioning = conditioning(model, x1, run_counted(model, x1)[0])  # model's own noise amplification?
+    if not (err1 <= tolerance and (err2 <= tolerance or not ran2)):  # (not ran2: already a failure)
         row.failures.append(f"outputs differ: max relative error {err1:.3g} (batch {case.batches[0]}), "
                             f"{err2:.3g} (batch {case.batches[1]})")
     row.convs, row.batch_norms = (row.convs[0], convs), (row.batch_norms[0], bns)
@@ -344,7 +430,9 @@ def _check(case: ZooCase, row: ZooRow, speed: bool, min_run_time: float) -> None
         if undone:
             row.detail += (f", {len(undone)} rewrites undone by the pass (ill-conditioned output: scaling every "
                            f"weight by 1 + 1e-15 changes it by {fmt_err(row.conditioning)})")
-    if not float64:
+    if row.capture == "submodules" and "torch.export failed (" not in row.capture_reason:
+        row.export_error = export_probe(model, x1)
+    if not float64 and not report.traced_whole:
         row.submodule_checks = float64_submodule_check(model, fused, x1)
         row.max_rel_error_f64 = max([c.error for c in row.submodule_checks.values()], default=0.0)
         for path, c in row.submodule_checks.items():

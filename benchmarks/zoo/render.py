@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 import os
 import platform
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torchvision
 
 from fxfuse.tools.bench import cpu_model_name
 
-from .checks import FLOAT32_RTOL, RTOL, ZooRow, fmt_err
+from .checks import FLOAT32_RTOL, RTOL, ZooRow, export_failure_kind, fmt_err
 
 
 def machine(threads: bool = True) -> str:
@@ -34,7 +34,31 @@ def err_text(r: ZooRow) -> str:
         probe = "" if math.isnan(r.conditioning) or r.status == "refused" else \
             f" (weights × (1 + 1e-15): {fmt_err(r.conditioning)})"
         return fmt_err(r.max_rel_error) + probe
+    if not r.submodule_checks:  # captured whole (export): no float64 run of any part is possible
+        return f"{fmt_err(r.max_rel_error)} (float32 only)"
     return f"{fmt_err(r.max_rel_error)} (float32); sub-modules in float64: {fmt_err(r.max_rel_error_f64)}"
+
+
+def capture_text(r: ZooRow) -> str:
+    """The capture column: ``symbolic`` / ``export`` / ``submodules``, ``—`` when the pass returned nothing."""
+    return r.capture or "—"
+
+
+def export_tried(r: ZooRow) -> bool:
+    """Whether ``capture="auto"`` also tried ``torch.export`` on this model (its reason says how that went)."""
+    return r.capture != "symbolic" or "export" in r.capture_reason
+
+
+def capture_notes(r: ZooRow) -> List[str]:
+    """Why ``r`` got its capture: ``report.capture_reason``, and for a sub-module fallback why ``torch.export``
+    failed (from the reason, else the harness's own export probe) and whether that is torch.export's limit."""
+    notes = [r.capture_reason or "(no reason recorded)"]
+    if r.export_error:
+        notes.append(f"`reparametrize(capture=\"export\")`, run again by the harness: {r.export_error}")
+    kind = export_failure_kind(r.export_error or r.capture_reason) if r.capture == "submodules" else ""
+    if kind:
+        notes.append(kind)
+    return [_short(n, 400) for n in notes]
 
 
 def _fmt_speed(r: ZooRow) -> str:
@@ -68,13 +92,18 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
     n_fb = sum(r.status == "fallback" for r in rows)
     n_ref = sum(r.status == "refused" for r in rows)
     n_fail = sum(r.status == "FAIL" for r in rows)
-    lines.append(f"**{len(rows)} models: {n_ok} ok (traced whole), {n_fb} fallback (sub-modules rewritten), "
-                 f"{n_ref} refused, {n_fail} failed.**")
+    captures = {c: sum(r.capture == c for r in rows) for c in ("symbolic", "export", "submodules")}
+    lines.append(f"**{len(rows)} models: {n_ok} ok (captured whole), {n_fb} fallback (sub-modules rewritten), "
+                 f"{n_ref} refused, {n_fail} failed. Capture: {captures['symbolic']} symbolic, "
+                 f"{captures['export']} export, {captures['submodules']} submodules.**")
     lines.append("")
     for title, pick in (
             ("Refused (FusionError)", lambda r: r.status == "refused"),
             ("Failed", lambda r: r.status == "FAIL"),
-            ("Fallback (did not trace as a whole)", lambda r: r.status == "fallback"),
+            ("Captured whole by torch.export (symbolic tracing could not, or did less)",
+             lambda r: r.capture == "export"),
+            ("Fallback (neither torch.fx nor torch.export captured the whole model)",
+             lambda r: r.status == "fallback"),
             ("BatchNorms left after the pass", lambda r: r.batch_norms[1] > 0),
             ("Checked in float32 (cannot run in float64)", lambda r: bool(r.float32_reason))):
         picked = [r for r in rows if pick(r)]
@@ -86,17 +115,36 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
                  "module and functional calls); fused rewrites (by rule); pass time of `reparametrize` on the "
                  "float64 model with `verify=True`; max relative error (float64, max over both batch sizes of "
                  "`max|Δ| / max|ref|` per output); CPU speed ratio original / fused in float32 at batch 1 "
-                 "(>1: fused is faster), median (min–max) of paired rounds; status.")
+                 "(>1: fused is faster), median (min–max) of paired rounds; capture: the front end "
+                 "`reparametrize(capture=\"auto\")` used (`report.capture`: `symbolic` = torch.fx, `export` = "
+                 "torch.export ATen graph, `submodules` = per-sub-module fallback; † = see "
+                 "[Capture notes](#capture-notes)); status.")
     lines.append("")
     lines.append("| model | kind | input | convs | BNs | rewrites | pass s | max rel err | speed ×"
-                 " | status |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                 " | capture | status |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rules = ", ".join(f"{k} {v}" for k, v in sorted(r.rewrites_by_rule.items()))
+        mark = " †" if r.capture and export_tried(r) else ""
         lines.append(f"| {r.name} | {r.kind} | {r.input} | {r.convs[0]} → {r.convs[1]} | "
                      f"{r.batch_norms[0]} → {r.batch_norms[1]} | {r.rewrites}{f' ({rules})' if rules else ''} | "
-                     f"{r.pass_s:.2f} | {err_text(r)} | {_fmt_speed(r)} | {status_text(r)} |")
+                     f"{r.pass_s:.2f} | {err_text(r)} | {_fmt_speed(r)} | {capture_text(r)}{mark} | "
+                     f"{status_text(r)} |")
     lines.append("")
+    noted = [r for r in rows if r.capture and export_tried(r)]
+    if noted:
+        lines.append("## Capture notes")
+        lines.append("")
+        lines.append("Every model not captured by symbolic tracing, and every symbolic one where `capture=\"auto\"` "
+                     "also tried `torch.export`: `report.capture_reason` first; then, for sub-module fallbacks, the "
+                     "error of `reparametrize(model, x, capture=\"export\")` (innermost exception, and the line "
+                     "where it stopped: the model's code, or fxfuse's) and whose limit that is.")
+        lines.append("")
+        for r in noted:
+            notes = capture_notes(r)
+            lines.append(f"- **{r.name}** (`{r.capture}`): {notes[0]}")
+            lines.extend(f"  - {n}" for n in notes[1:])
+        lines.append("")
     remaining = [r for r in rows if r.batch_norms[1] > 0 or r.status in ("refused", "fallback", "FAIL")
                  or r.untraced_bns or r.float32_reason]
     if remaining:
@@ -105,7 +153,14 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
         for r in remaining:
             lines.append(f"### {r.name}: {status_text(r)}")
             lines.append("")
-            if r.float32_reason:
+            if r.capture and r.capture != "symbolic":
+                lines.append(f"- capture: `{r.capture}` ({_short(r.capture_reason, 300)})")
+            if r.float32_reason and not r.submodule_checks:
+                lines.append(f"- runs in float32 only ({r.float32_reason}): captured whole, so the pass rewrote "
+                             "and verified it in float32, and the harness compares the whole model in float32 on "
+                             f"both batch sizes (relative error {fmt_err(r.max_rel_error)}, limit "
+                             f"{FLOAT32_RTOL:g}); no part of it can run in float64.")
+            elif r.float32_reason:
                 lines.append(f"- runs in float32 only ({r.float32_reason}): the whole model is compared in "
                              f"float32 (relative error {fmt_err(r.max_rel_error)}, limit {FLOAT32_RTOL:g}); each "
                              "rewritten sub-module is reparametrized again in float64 on the inputs it received and "
@@ -165,24 +220,31 @@ def render_pass_speed(info: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def header(command: str, date: str, min_run_time: float) -> str:
-    """The top of docs/zoo.md: how it was generated and what a row checks."""
+def header(command: str, date: str, min_run_time: float, note: str = "", machine_text: Optional[str] = None) -> str:
+    """The top of docs/zoo.md: how it was generated and what a row checks (``note``: a sentence about the run, e.g.
+    the machine's load, added after the command line; ``machine_text``: the run's :func:`machine`, default this
+    one)."""
     return "\n".join([
         "# fxfuse on the torchvision model zoo",
         "",
-        f"Generated by `{command.strip()}` on {machine()}, {date}.",
+        f"Generated by `{command.strip()}` on {machine_text or machine()}, {date}."
+        f"{f' {note.strip()}' if note.strip() else ''}",
         "",
         "Every model of `torchvision.models.list_models()` is built with `weights=None` (and "
         "`weights_backbone=None`; `quantize=False` for the `quantized_*` entries), its BatchNorm statistics "
         "randomized (`fxfuse.models.randomize_batchnorm_`, seed 0), in eval mode, cast to float64, and passed to "
-        "`fxfuse.reparametrize(model, x)` (`verify=True`). Inputs are small (input column; detection takes a list "
-        "of `[3, H, W]` images, RAFT a pair of frames); the second check input has another batch size. "
+        "`fxfuse.reparametrize(model, x)` (`verify=True`, `capture=\"auto\"`: torch.fx symbolic tracing; "
+        "torch.export when tracing fails or leaves fusable structure; the per-sub-module fallback when neither "
+        "captures the whole model; the capture column says which one each model got). Inputs are small (input "
+        "column; detection takes a list of `[3, H, W]` images, RAFT a pair of frames); the second check input has "
+        "another batch size. "
         "A row passes when the outputs are equal (relative error ≤ 1e-9 of max-abs per output, on both inputs), "
         "`verify=True` accepted the result, no BatchNorm is left whose input is a conv/linear with no other real "
         "user (in every fx graph of the result, and in the largest traceable ancestor of any BatchNorm the pass "
         "left as Python), and the input model's `state_dict` is bit-identical afterwards (SHA-256 per entry). "
         "RAFT cannot run in float64 (torchvision builds its coordinate grid in float32), so it is checked in "
-        "float32 and its rewritten sub-modules in float64 (see below). Speed: float32, batch 1, one torch thread "
+        "float32 (and, where the pass rewrote it per sub-module, each rewritten sub-module in float64; see below). "
+        "Speed: float32, batch 1, one torch thread "
         "(robust on this shared 2-core machine), `torch.utils.benchmark.Timer.blocked_autorange(min_run_time="
         f"{min_run_time})`, original and fused alternating over 7 rounds in one process; the column gives "
         "the median (min–max) of the 7 paired ratios original / fused (>1: fused is faster).",
