@@ -28,6 +28,21 @@ def _computes(ctx: RewriteContext, node: fx.Node, seen: Set[fx.Node]) -> bool:
     return any(_computes(ctx, i, seen) for i in node.all_input_nodes)
 
 
+def _written(ctx: RewriteContext, node: fx.Node) -> Optional[fx.Node]:
+    """A user of ``node`` (or of a view of it) that may write into it in place (``w = p.clone(); w.add_(1)``), or
+    None. Folded, the write would land in the new parameter on every call (a symbolic graph; an exported one is
+    functional)."""
+    todo, seen = [node], {node}
+    while todo:
+        for user in todo.pop().users:
+            if ops.writes_input(user, ctx.read.modules):
+                return user
+            if ops.is_alias(user) and user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return None
+
+
 def _origin(node: fx.Node, seen: Set[fx.Node]) -> Optional[fx.Node]:
     """The first ``get_attr`` the sub-graph under ``node`` reads (its dtype is the folded constant's)."""
     if node in seen:
@@ -59,6 +74,9 @@ def fold_constants(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None  # an inner node: the outermost constant is folded
     if not _computes(ctx, node, set()):
         return None
+    writer = _written(ctx, node)
+    if writer is not None:
+        return ctx.skip(node, f"{writer.name} writes into it in place: it is not a constant")
     origin = _origin(node, set())
     like = constants.value(origin) if origin is not None else None
     folded = value.detach().clone()
