@@ -94,3 +94,53 @@ def test_padded_tensor_read_before_the_writes_is_kept() -> None:
 
     fused = fuse_and_check(Logged(), torch.randn(2, 3, 5, 5), capture="export")
     assert_skipped(fused, "pad_values", "has other users")
+
+
+class Overreach(BNPadConv):
+    """The top write covers one interior row too (rows 0..p): not a border, so not a pad with values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.pad(self.bn(x), [1] * 4)
+        v = bn_zero(self.bn)
+        out[:, :, 0:2, :] = v
+        out[:, :, -1:, :] = v
+        out[:, :, :, 0:1] = v
+        out[:, :, :, -1:] = v
+        return self.conv(out)
+
+
+def test_write_into_the_interior_is_not_a_valued_pad() -> None:
+    fused = fuse_and_check(Overreach(), torch.randn(2, 3, 5, 5))
+    assert stats(fused).batch_norms == 1 and fused_counts(fused).get("pad_values", 0) == 0
+
+
+class SpatialThenPad(SeqConv):
+    """A 3x3 conv padded with its own bias: not pointwise, so its border is not ``f(0)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k0 = nn.Conv2d(3, 6, 3, padding=1)
+
+
+def test_values_after_a_spatial_conv_are_kept() -> None:
+    fused = fuse_and_check(SpatialThenPad(), torch.randn(1, 3, 5, 5))
+    assert_skipped(fused, "pad_values", "not a pointwise")
+    assert stats(fused).convs == 2
+
+
+class BNAlsoReturned(BNPadConv):
+    def forward(self, x: Tensor) -> tuple:
+        y = self.bn(x)
+        out = F.pad(y, [1] * 4)
+        v = bn_zero(self.bn)
+        out[:, :, 0:1, :] = v
+        out[:, :, -1:, :] = v
+        out[:, :, :, 0:1] = v
+        out[:, :, :, -1:] = v
+        return self.conv(out), y
+
+
+def test_padded_op_with_another_user_is_kept() -> None:
+    """Moving the BN after the pad would compute it twice (once for the other user)."""
+    fused = fuse_and_check(BNAlsoReturned(), torch.randn(2, 3, 5, 5))
+    assert_skipped(fused, "pad_values", "other users besides the pad")
