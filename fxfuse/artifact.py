@@ -42,9 +42,17 @@ def _rounding_noise(result: nn.Module, args: Tuple[Any, ...], out: Any, rtol: fl
     """How far ``result``'s output moves when every floating input is scaled by ``1 ± eps`` of its dtype: the
     largest relative change, the resolution at which an output decided by rounding (top-k, NMS, thresholds) can be
     compared at all. ``inf`` when the nudge changes an integer output or a shape (detections kept or dropped), 0
-    without floating inputs, NaN when a nudged run fails (no measure)."""
+    without floating inputs, NaN (no measure) when a nudged run fails or when a second run on the same input
+    already differs: a model whose calls change its own state (a weight written in place) drifts between calls,
+    which is no rounding and must not be excused as one."""
     if not any(isinstance(a, Tensor) and a.is_floating_point() for a in tree_leaves(args)):
         return 0.0
+    try:
+        with torch.no_grad(), attributes_preserved(result):
+            if not compare(out, result(*clone_inputs(args)), rtol, atol).ok:
+                return math.nan
+    except Exception:
+        return math.nan
     worst = 0.0
     for sign in (1.0, -1.0):
         nudged = tree_map(lambda a, s=sign: a * (1 + s * torch.finfo(a.dtype).eps)

@@ -662,3 +662,28 @@ def test_float16_overflow_of_fused_weights_is_refused() -> None:
     with pytest.raises(FusionError, match=r"fused tensors do not fit the model's dtype \(finite in float64, inf once "
                                           r"cast\): \S+\.weight \(float16\)"):
         fxfuse.reparametrize(model, x)
+
+
+class DriftsBetweenCalls(nn.Module):
+    """Each call writes its own buffer: the second call on the same input differs from the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
+def test_drift_between_calls_is_not_excused_as_rounding() -> None:
+    """The artifact check's rounding allowance (outputs decided by NMS / top-k) measures how far a one-ulp nudge
+    of the input moves the output; a model whose calls change its state must get no measure (NaN), or a fused model
+    writing into its own weight would pass as "ill-conditioned"."""
+    from fxfuse.artifact import _rounding_noise
+
+    x = torch.randn(4, dtype=torch.float64)
+    drifting = DriftsBetweenCalls().double()
+    assert math.isnan(_rounding_noise(drifting, (x,), drifting(x), 1e-9, 0.0))
+    steady = nn.Identity()
+    assert 0 < _rounding_noise(steady, (x,), steady(x), 1e-9, 0.0) <= 2 * torch.finfo(torch.float64).eps

@@ -47,10 +47,16 @@ def test_not_a_module_is_a_type_error(not_a_module: Any) -> None:
         fxfuse.reparametrize(not_a_module, example())
 
 
-@pytest.mark.parametrize("bad_input", ["x", None, {"x": torch.zeros(1)}, 3.0], ids=["str", "None", "dict", "float"])
+@pytest.mark.parametrize("bad_input", ["x", {"x": torch.zeros(1)}, 3.0], ids=["str", "dict", "float"])
 def test_example_input_of_wrong_type(bad_input: Any) -> None:
     with pytest.raises(TypeError, match=r"example_input must be a tensor or a tuple/list"):
         fxfuse.reparametrize(repvgg(), bad_input)
+
+
+def test_missing_example_input() -> None:
+    """Only an ExportedProgram carries its own example inputs; a module needs one."""
+    with pytest.raises(TypeError, match=r"needs an example_input"):
+        fxfuse.reparametrize(repvgg(), None)
 
 
 def test_input_the_model_cannot_run_is_a_value_error() -> None:
