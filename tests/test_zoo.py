@@ -274,7 +274,7 @@ def test_render_has_a_capture_column_and_notes() -> None:
 
 def test_zoo_cli_writes_the_capture_column(tmp_path) -> None:
     """``python -m benchmarks.zoo`` end to end on one model: the markdown table and the JSON rows carry the
-    capture, and ``--note`` lands in the header."""
+    capture; ``--note`` and the fxfuse commit land in the header; ``--from-json`` re-renders and merges."""
     from benchmarks.zoo.__main__ import main
 
     md, js = tmp_path / "zoo.md", tmp_path / "zoo.json"
@@ -282,6 +282,7 @@ def test_zoo_cli_writes_the_capture_column(tmp_path) -> None:
                  "--note", "Shared machine."]) == 0
     text = md.read_text()
     assert "Shared machine." in text.splitlines()[2] and "--note 'Shared machine.'" in text.splitlines()[2]
+    assert "fxfuse at commit " in text.splitlines()[2]  # which fxfuse the sweep imported
     row = next(line for line in text.splitlines() if line.startswith("| resnet18 |"))
     assert row.split(" | ")[-2:] == ["symbolic", "ok |"], row
     (data,) = json.loads(js.read_text())

@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import json
 import shlex
+import subprocess
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,6 +24,27 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "python -m benchmarks.zoo"
 
 
+def source_state() -> str:
+    """Which fxfuse the run used: ``"fxfuse at commit abc1234"``, plus the uncommitted changes under fxfuse/ (the
+    working tree is what is imported); ``""`` outside a git checkout."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = [line[3:] for line in git("status", "--porcelain", "--", "fxfuse").splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if not commit:
+        return ""
+    return f"fxfuse at commit {commit}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
+def run_note(source: str, note: str) -> str:
+    """The header's sentence about a run: which fxfuse it imported (:func:`source_state`), then ``--note``."""
+    return " ".join(n for n in (f"{source}." if source else "", note.strip()) if n)
+
+
 def row_from_json(data: Dict[str, Any]) -> ZooRow:
     """A :class:`ZooRow` back from its ``--json`` form (tuples and nested checks restored; keys a row of another
     harness version lacks take their defaults)."""
@@ -35,7 +57,7 @@ def row_from_json(data: Dict[str, Any]) -> ZooRow:
     return ZooRow(**kw)
 
 
-def rerender(paths: Sequence[str], out: str) -> int:
+def rerender(paths: Sequence[str], out: str, extra_note: str = "") -> int:
     """Write the report from saved runs instead of running: ``paths`` are ``--json`` files, each with its
     ``.meta.json`` (command, date, note, pass speed); rows of a later file replace the rows of the same model in an
     earlier one (a partial re-run merged into a full sweep), in the first file's model order. The header is the
@@ -46,11 +68,13 @@ def rerender(paths: Sequence[str], out: str) -> int:
         for data in json.loads(Path(p).read_text()):
             rows[data["name"]] = row_from_json(data)
     first = metas[0]
-    note = first.get("note", "")
+    note = run_note(first.get("source", ""), first.get("note", ""))
     for p, meta in zip(paths[1:], metas[1:]):
         names = [d["name"] for d in json.loads(Path(p).read_text())]
+        about = "; ".join(x.strip().rstrip(".") for x in (meta.get("source", ""), meta.get("note", "")) if x.strip())
         note += (f" Rows of {', '.join(names)} come from a later run: `{meta['command']}`, {meta['date']}"
-                 f"{' (' + meta['note'].strip() + ')' if meta.get('note', '').strip() else ''}.")
+                 f"{f' ({about})' if about else ''}.")
+    note += f" {extra_note.strip()}" if extra_note.strip() else ""
     text = render(list(rows.values()), header(first["command"], first["date"], first["min_run_time"], note,
                                               first.get("machine")), first.get("speed_info"))
     Path(out).write_text(text)
@@ -74,10 +98,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "them (later files' rows replace earlier ones of the same model) instead of running")
     args = p.parse_args(argv)
     if args.from_json:
-        return rerender([x.strip() for x in args.from_json.split(",") if x.strip()], args.out)
+        return rerender([x.strip() for x in args.from_json.split(",") if x.strip()], args.out, args.note)
     torch.set_num_threads(args.threads)
     command = f"{COMMAND} " + shlex.join(argv if argv is not None else sys.argv[1:])
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = source_state()
     speed_info = None
     if not args.no_pass_speed:
         speed_info = pass_speed()
@@ -90,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json + ".meta.json").write_text(json.dumps(
             {"command": command.strip(), "date": date, "min_run_time": args.min_run_time, "note": args.note,
-             "machine": machine(), "speed_info": speed_info}, indent=1, default=str))
+             "source": source, "machine": machine(), "speed_info": speed_info}, indent=1, default=str))
     rows = []
     for i, name in enumerate(names):
         row = check_model(name, speed=not args.no_speed, min_run_time=args.min_run_time)
@@ -105,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(rows, header(command, date, args.min_run_time, args.note), speed_info))
+    text = render(rows, header(command, date, args.min_run_time, run_note(source, args.note)), speed_info)
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}; {sum(not r.passed for r in rows)} failure(s)")
     return 1 if any(not r.passed for r in rows) else 0
 
