@@ -16,6 +16,7 @@ from typing import Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -267,6 +268,68 @@ def test_fused_program_runs_under_aot_inductor(tmp_path) -> None:
         with torch.no_grad():
             ref = model(inp)
         assert (runner(inp) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+class BiasFreeHead(nn.Module):
+    """conv-BN, pooled, then a bias-free Linear and a BatchNorm1d: core ATen spells the Linear ``permute`` + ``mm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        self.fc, self.bn1d = nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1d(self.fc(self.bn(self.conv(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("name", ["repvgg-tiny", "bias-free-head"])
+def test_program_decomposed_to_core_aten_fuses(name: str) -> None:
+    """``reparametrize(ep.run_decompositions())``: BatchNorm as ``_native_batch_norm_legit_no_training`` with its
+    unused statistics outputs (dropped as dead code), convs as ``convolution``, a bias-free Linear as ``mm``."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(build(name) if name == "repvgg-tiny" else BiasFreeHead(), 0).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                             strict=False).run_decompositions()
+    fused_ep = fxfuse.reparametrize(ep, x)
+    stats = GraphStats.of(fused_ep.graph_module)
+    assert stats.batch_norms == 0 and not fused_ep.fxfuse_report.rolled_back
+    expected = {"repvgg-tiny": {"conv_bn": 16, "branch_sum": 8}, "bias-free-head": {"conv_bn": 2}}[name]
+    assert dict(fused_ep.fxfuse_report.fused) == expected
+    for n in (2, 5):
+        inp = torch.randn(n, 3, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            ref, out = model(inp), fused_ep.module()(inp)
+        assert (out - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+class MixedPrecisionHead(nn.Module):
+    """A float32 model with a float64 head: ``h.double()`` and ``.float()`` are traced on fxfuse's float64 working
+    copy, where export records the dtypes it saw (``_assert_tensor_metadata``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.w = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+        self.register_buffer("mask", (torch.rand(5, 4) > 0.5).double())
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x)).mean((2, 3))
+        return F.linear(h.double(), self.w * self.mask).float()
+
+
+def test_mixed_precision_model_through_export_runs_in_its_dtypes() -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(MixedPrecisionHead(), 0).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = fxfuse.reparametrize(model, x, capture="export")
+    report = fused.fxfuse_report
+    assert report.capture == "export" and dict(report.fused) == {"fold_constants": 1, "conv_bn": 1}, report
+    for n in (2, 3):
+        inp = torch.randn(n, 3, 6, 6)
+        with torch.no_grad():
+            ref, out = model(inp), fused(inp)
+        assert out.dtype == torch.float32 and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 # -------------------------------------------------------------------------------- the compile path

@@ -165,13 +165,31 @@ def test_affine_then_conv_where_exact(spec, padded):
     assert_close_f64(run(spec, _apply(aff, x)), run(K.affine_then_conv(aff, spec), x))
 
 
+@given(specs(ndim=2), st.sampled_from(["reflect", "replicate", "circular"]))
+def test_affine_then_conv_with_a_copying_padding_mode(spec, mode):
+    """Reflect / replicate / circular padding copies values within a channel, so ``pad(a·x + c) = a·pad(x) + c``:
+    the fold is exact for any shift, the fused conv keeping the padding mode."""
+    spec = spec.with_(padding_mode=mode)
+    aff = _affine(spec.in_channels)
+    assert K.why_not_affine_then_conv(aff, spec) is None
+    fused = K.affine_then_conv(aff, spec)
+    assert fused.padding_mode == mode
+
+    def run_padded(s: ConvSpec, t):  # what nn.Conv2d does for a non-zero padding_mode
+        pads = [p for p in reversed(s.padding) for _ in range(2)]
+        return F.conv2d(F.pad(t, pads, mode=s.padding_mode), s.weight, s.bias, s.stride, 0, s.dilation, s.groups)
+
+    x = torch.randn(2, spec.in_channels, 7, 7, **f64)
+    assert_close_f64(run_padded(spec, _apply(aff, x)), run_padded(fused, x))
+
+
 def test_affine_then_conv_refusals():
     spec = ConvSpec(torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (1, 1), (1, 1), 1)
     assert "nonzero shift" in K.why_not_affine_then_conv(_affine(3), spec)
     assert K.why_not_affine_then_conv(_affine(3, zero_shift=True), spec) is None
     assert K.why_not_affine_then_conv(_affine(3), spec.with_(padding=(0, 0))) is None
-    assert "padding_mode" in K.why_not_affine_then_conv(_affine(3, zero_shift=True),
-                                                        spec.with_(padding_mode="reflect"))
+    for mode in ("reflect", "replicate", "circular"):  # copying pads commute with the affine: any shift
+        assert K.why_not_affine_then_conv(_affine(3), spec.with_(padding_mode=mode)) is None
     transposed = ConvSpec(torch.randn(3, 4, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (0, 0), (1, 1), 1,
                           transposed=True, output_padding=(0, 0))
     assert "transposed" in K.why_not_affine_then_conv(_affine(3), transposed)

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ir.ops import OpOverload
+from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
+from ..rewrite.context import erase_if_dead
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
            "dynamic_shapes_of", "to_exported_program"]
@@ -89,11 +90,25 @@ def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
 def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """The functional, unlifted graph of ``ep`` (parameters and buffers as ``get_attr``; the calling convention
     of the exported module). Functionalization (``run_decompositions({})``, 2-3x the export time) runs only when
-    the program writes in place somewhere; a program without a mutating op is functional already."""
+    the program writes in place somewhere; a program without a mutating op is functional already.
+
+    Two kinds of node are dropped: the dtype / device checks export records at ``.to()`` calls
+    (:data:`fxfuse.ir.ops.TRACE_METADATA_CHECKS`: they hold for the float64 working copy, not for the model cast
+    back; the returned model is run and compared in its own dtype instead), and pure nodes nothing uses (the
+    unused statistics outputs ``getitem(bn, 1 | 2)`` of a program decomposed to core ATen, which would hide the
+    BatchNorm from the readers). The input-shape guard stays."""
     if any(node.op == "call_function" and isinstance(node.target, OpOverload) and node.target._schema.is_mutable
            for node in ep.graph.nodes):
         ep = ep.run_decompositions({})
-    return fresh_copy(ep.module())
+    gm = fresh_copy(ep.module())
+    modules = dict(gm.named_modules())
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and node.target in TRACE_METADATA_CHECKS and not node.users:
+            gm.graph.erase_node(node)
+        elif node.op == "call_function":
+            erase_if_dead(node, modules)
+    gm.recompile()
+    return gm
 
 
 def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -93,11 +93,12 @@ def affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
 
 def why_not_affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> Optional[str]:
     """A per-channel affine before a conv folds exactly if the conv reads no zero padding, or if the shift is 0
-    (zero padding of ``a·x`` equals ``a·`` zero padding of ``x``)."""
+    (zero padding of ``a·x`` equals ``a·`` zero padding of ``x``). A reflect / replicate / circular
+    ``padding_mode`` copies values within a channel, so it commutes with the affine: exact for any shift."""
     if spec.transposed:
         return "affine before a transposed conv is not folded (border outputs miss taps)"
-    if spec.padding_mode != "zeros" and any(spec.padding):
-        return f"conv padding_mode={spec.padding_mode!r}"
+    if spec.padding_mode != "zeros":
+        return None
     if any(spec.padding) and bool((affine.shift != 0).any()):
         return "conv has zero padding but the affine before it has a nonzero shift (borders would change)"
     return None

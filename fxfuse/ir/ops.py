@@ -43,6 +43,7 @@ CONV_T_FUNCS.update({aten.conv_transpose1d.default: 1, aten.conv_transpose2d.inp
 CONVOLUTION_FUNCS = (aten.convolution.default, aten._convolution.default)
 LINEAR_FUNCS = (*LINEAR_FUNCS, aten.linear.default)
 ADDMM_FUNCS = (aten.addmm.default,)  # addmm(bias, x, w_t, beta=1, alpha=1) = beta·bias + alpha·x @ w_t
+MM_FUNCS = (aten.mm.default,)  # mm(x, w_t) = x @ w_t: a bias-free linear layer once decomposed to core ATen
 # (input, weight, bias, running_mean, running_var, …): target -> (index of `training` or None, index of `eps`)
 BATCH_NORM_ATEN: Dict[Any, Tuple[Optional[int], int]] = {
     aten.batch_norm.default: (5, 7), aten.native_batch_norm.default: (5, 7),
@@ -55,6 +56,15 @@ BATCH_NORM_TUPLE = (frozenset(BATCH_NORM_ATEN) | frozenset(BATCH_NORM_NO_STATS))
 AVG_POOL_FUNCS.update({aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3})
 PAD_FUNCS = (*PAD_FUNCS, aten.pad.default)
 CONSTANT_PAD_FUNCS = (aten.constant_pad_nd.default,)  # (input, pad, value=0)
+# Pads whose every output element is a copy of an input element of the same sample and channel, so they commute
+# with any per-channel map: reflect / replicate / circular, on spatial axes only. Modules and the ATen ops take
+# F.pad's list (last axis first) as ``padding`` / argument 1; ``F.pad`` / ``aten.pad`` say it with ``mode``.
+COPY_PAD_MODES = ("reflect", "replicate", "circular")
+COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+COPY_PAD_FUNCS = (aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default,
+                  aten.replication_pad1d.default, aten.replication_pad2d.default, aten.replication_pad3d.default,
+                  aten._pad_circular.default)  # (input, pad)
 CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate, aten.cat.default)  # (tensors, dim=0)
 SLICE_FUNCS = (aten.slice.Tensor,)  # (input, dim=0, start=None, end=None, step=1): a view
 SLICE_SCATTER_FUNCS = (aten.slice_scatter.default,)  # (input, src, dim=0, start=None, end=None, step=1)
@@ -81,7 +91,7 @@ DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropo
 # Modules whose behaviour is exactly their torch.nn class's: a subclass overriding forward is opaque.
 STOCK_FORWARDS = {cls.forward for cls in (  # type: ignore[attr-defined]
     *CONV_MODULES, *CONV_T_MODULES, nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.Linear, nn.Identity,
-    *DROPOUT_MODULES, *AVG_POOL_MODULES, *PAD_MODULES)}
+    *DROPOUT_MODULES, *AVG_POOL_MODULES, *PAD_MODULES, *COPY_PAD_MODULES)}
 
 # -------------------------------------------------------------------------------------- arithmetic
 # target -> (operation, in_place)
@@ -161,6 +171,9 @@ META_FUNCS = (aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, 
               aten.sym_stride.default, aten.sym_storage_offset.default, aten._assert_tensor_metadata.default)
 ASSERT_FUNCS = (torch._assert, aten._assert_scalar.default, aten._assert_async.msg, aten._assert_async.default,
                 aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default)
+# ``torch.export`` records, at each ``.to()`` / ``.double()`` / ``.float()``, the dtype and device its input had
+# while tracing: those of fxfuse's float64 working copy, which the returned model (cast back) no longer has.
+TRACE_METADATA_CHECKS = (aten._assert_tensor_metadata.default,)
 
 
 def is_view(node: fx.Node) -> bool:
@@ -220,7 +233,7 @@ def aten_is_pure(target: Any) -> bool:
 _RANDOM = re.compile(r"rand|dropout|normal|bernoulli|uniform|multinomial|poisson|empty|exponential")
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 _PURE_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.Identity,
-                 *DROPOUT_MODULES, *PAD_MODULES, *AVG_POOL_MODULES)
+                 *DROPOUT_MODULES, *PAD_MODULES, *COPY_PAD_MODULES, *AVG_POOL_MODULES)
 
 
 def is_pure(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -327,7 +340,7 @@ def function_kind(target: Any) -> Optional[str]:
         return "batch_norm"
     if target in AVG_POOL_FUNCS:
         return "avg_pool"
-    if target in LINEAR_FUNCS or target in ADDMM_FUNCS:
+    if target in LINEAR_FUNCS or target in ADDMM_FUNCS or target in MM_FUNCS:
         return "linear"
     if target in ASSERT_FUNCS:
         return "assert"

@@ -312,6 +312,13 @@ class Reader:
             w64 = float64(wt).t().contiguous() * alpha
             b64 = (float64(bias).reshape(-1) * beta).expand(wt.shape[1]).clone()
             return LinearRead(node.args[1], w64, b64, self._origin(node.args[2], wt))
+        if node.op == "call_function" and node.target in ops.MM_FUNCS and isinstance(node.args[0], fx.Node) \
+                and self.constants.tensor(node.args[0]) is None:
+            wt = self.constants.tensor(node.args[1])  # mm(x, w_t) = x @ w_t: weight w_tᵀ, no bias
+            if wt is None or wt.dim() != 2:
+                return None
+            return LinearRead(node.args[0], float64(wt).t().contiguous(), torch.zeros(wt.shape[1],
+                              dtype=torch.float64), self._origin(node.args[1], wt))
         return None
 
     def _origin(self, node: Any, fallback: Tensor) -> Tensor:
@@ -543,6 +550,26 @@ class Reader:
                 return None
             per_axis[spatial - 1 - i] = left
         return x, tuple(per_axis)
+
+    def copying_pad(self, node: fx.Node) -> Optional[fx.Node]:
+        """A reflect / replicate / circular pad of spatial axes only (module, ``F.pad(mode=…)`` or ATen): every
+        output element copies an input element of the same sample and channel. Returns the padded input."""
+        mod = self.module(node)
+        x = node.args[0] if node.args else None
+        if isinstance(mod, ops.COPY_PAD_MODULES) and len(node.args) == 1:
+            return x if isinstance(x, fx.Node) else None
+        if node.op != "call_function" or not isinstance(x, fx.Node):
+            return None
+        if node.target in ops.COPY_PAD_FUNCS:
+            pads = arg(node, 1, "padding", node.kwargs.get("pad"))  # (_pad_circular names it ``pad``)
+        elif node.target in ops.PAD_FUNCS and arg(node, 2, "mode", "constant") in ops.COPY_PAD_MODES:
+            pads = arg(node, 1, "pad")
+        else:
+            return None
+        shape = shape_of(x)
+        if shape is None or not isinstance(pads, (list, tuple)) or len(pads) > 2 * (len(shape) - 2):
+            return None  # unknown rank, or a pad reaching the channel axis
+        return x
 
     def cat(self, node: fx.Node) -> Optional[Tuple[Sequence[Any], Any]]:
         """``torch.cat(tensors, dim)`` in any spelling: returns ``(tensors, dim)``."""

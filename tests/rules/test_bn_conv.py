@@ -1,7 +1,9 @@
 """Rule ``bn_conv``: a per-channel affine (BN, ``x * c + d``) before a conv / linear ⇒ one layer, exact only where
 the conv reads no zero padding or the shift is zero (docs/patterns.md, `bn_conv`)."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from _helpers import assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, stats
@@ -75,23 +77,67 @@ def test_bn_before_padded_conv_stays():
     assert_skipped(fused, "bn_conv", "nonzero shift")
 
 
-def test_bn_before_reflect_padded_conv_stays(capture):
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_bn_before_conv_with_a_copying_padding_mode_folds(mode):
+    """``padding_mode`` reflect / replicate / circular copies values within a channel: it commutes with the BN's
+    ``a·x + c`` for any shift (ATen spells it ``aten.pad(mode)`` → ``conv2d(padding=0)``: the pad chain below)."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode)
 
         def forward(self, x):
             return self.conv(self.bn(torch.relu(x)))
 
+    fused = fuse_and_check(M(), torch.randn(2, 3, 6, 6), second=torch.randn(1, 3, 7, 5))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).batch_norms == 0
+
+
+class CopyPadChain(nn.Module):
+    """BN → copying pads (module or ``F.pad(mode=…)``, asymmetric) → conv, optionally with another user of a pad."""
+
+    def __init__(self, spellings, leak: bool = False):
+        super().__init__()
+        self.bn, self.conv, self.spellings, self.leak = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), spellings, leak
+        self.pads = nn.ModuleList(nn.ReflectionPad2d((1, 0, 2, 1)) if s == "module" else nn.Identity()
+                                  for s in spellings)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        for spelling, pad in zip(self.spellings, self.pads):
+            y = pad(y) if spelling == "module" else F.pad(y, [1, 2, 0, 1], mode=spelling)
+        out = self.conv(y)
+        return (out, y) if self.leak else out
+
+
+@pytest.mark.parametrize("spellings", [("reflect",), ("replicate",), ("circular",), ("module",),
+                                       ("reflect", "module", "replicate")])
+def test_bn_before_copying_pads_then_conv_folds(spellings):
+    """``conv(pad(a·x + c)) = conv'(pad(x))`` for pads that copy values within a channel; the pads stay, now on
+    the BN's input."""
+    fused = fuse_and_check(CopyPadChain(spellings), torch.randn(2, 3, 6, 6), second=torch.randn(1, 3, 5, 7))
+    assert fused_counts(fused) == {"bn_conv": 1} and stats(fused).batch_norms == 0
+
+
+def test_bn_before_copying_pad_with_another_user_stays():
+    fused = fuse_and_check(CopyPadChain(("reflect",), leak=True), torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 1
+    assert_not_fired(fused, "bn_conv")  # the pad has two users: no chain from the conv reaches the BN
+
+
+def test_bn_before_zero_pad_then_conv_stays():
+    """A zero (constant) pad is not a copying pad: zero-padding ``a·x + c`` is not ``a·pad(x) + c``."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(self.bn(torch.relu(x)), [1, 1, 1, 1]))
+
     fused = fuse_and_check(M(), torch.randn(2, 3, 6, 6))
     assert stats(fused).batch_norms == 1
-    if capture == "export":
-        # ATen spells a reflect-padding conv as aten.pad(mode="reflect") → conv2d(padding=0): the BN feeds the pad,
-        # not a conv, so bn_conv has no candidate to skip (the BN stays all the same)
-        assert_not_fired(fused, "bn_conv")
-    else:
-        assert_skipped(fused, "bn_conv", "padding_mode")
+    assert_skipped(fused, "bn_conv", "nonzero shift")
 
 
 def test_bn_before_transposed_conv_stays():
@@ -119,4 +165,10 @@ def test_bn_with_other_users_stays():
 # ---------------------------------------------------------------------------------------- errors
 def test_wrong_fold_is_rolled_back_and_fails_the_checker(monkeypatch):
     fused = assert_wrong_rewrite_caught(monkeypatch, "bn_conv", BNConv(0), torch.randn(2, 3, 6, 6))
+    assert stats(fused).batch_norms == 1
+
+
+def test_wrong_fold_through_copying_pads_is_rolled_back(monkeypatch):
+    fused = assert_wrong_rewrite_caught(monkeypatch, "bn_conv", CopyPadChain(("reflect", "module")),
+                                        torch.randn(2, 3, 6, 6))
     assert stats(fused).batch_norms == 1
