@@ -40,6 +40,19 @@ def source_state() -> str:
     return f"fxfuse at commit {commit}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
+def shown_command(argv: Sequence[str]) -> str:
+    """The command line for the report, without ``--note`` and its text (the header prints the note itself)."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            shown.append(a)
+    return f"{COMMAND} {shlex.join(shown)}".strip()
+
+
 def run_note(source: str, note: str) -> str:
     """The header's sentence about a run: which fxfuse it imported (:func:`source_state`), then ``--note``."""
     return " ".join(n for n in (f"{source}." if source else "", note.strip()) if n)
@@ -100,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_json:
         return rerender([x.strip() for x in args.from_json.split(",") if x.strip()], args.out, args.note)
     torch.set_num_threads(args.threads)
-    command = f"{COMMAND} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = shown_command(argv if argv is not None else sys.argv[1:])
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = source_state()
     speed_info = None
