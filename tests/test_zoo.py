@@ -24,6 +24,7 @@ import torch
 import torchvision
 
 from benchmarks import zoo
+from benchmarks.zoo.render import STATIC_EXPORT
 from fxfuse.models import randomize_batchnorm_
 
 DEFAULT = [
@@ -251,7 +252,8 @@ def test_render_has_a_capture_column_and_notes() -> None:
     rows = [
         _fake_row("plain", "symbolic", "traced whole by torch.fx"),
         _fake_row("tried", "symbolic", "traced whole by torch.fx; export reached no fewer convs + BatchNorms (3 vs 3)"),
-        _fake_row("exported", "export", "symbolic tracing failed (TraceError: x); torch.export in 1.00 s, static"),
+        _fake_row("exported", "export", "symbolic tracing failed (TraceError: x); torch.export in 1.00 s, "
+                  "static shapes: dynamic batch refused by torch.export (UserError: x)"),
         _fake_row("fellback", "submodules", "the model does not trace whole with torch.fx and torch.export failed",
                   status="fallback", export_error=guard),
         _fake_row("refusedone", "", "", status="refused"),
@@ -267,6 +269,8 @@ def test_render_has_a_capture_column_and_notes() -> None:
     assert "**plain**" not in notes and "**refusedone**" not in notes
     assert "- **tried** (`symbolic`): traced whole by torch.fx; export reached no fewer" in notes
     assert "- **exported** (`export`): symbolic tracing failed" in notes
+    assert f"  - {STATIC_EXPORT}" in notes.split("- **exported**", 1)[1].split("- **fellback**", 1)[0]
+    assert notes.count(STATIC_EXPORT) == 1
     fell = notes.split("- **fellback** (`submodules`): ", 1)[1]
     assert guard.replace("|", "\\|") in fell and zoo.DATA_DEPENDENT in fell
     assert "- capture: `submodules` (the model does not trace whole" in text  # in the model's own section

@@ -39,6 +39,10 @@ def err_text(r: ZooRow) -> str:
     return f"{fmt_err(r.max_rel_error)} (float32); sub-modules in float64: {fmt_err(r.max_rel_error_f64)}"
 
 
+STATIC_EXPORT = ("exported with static shapes: the returned model accepts only the example input's shapes "
+                 "(torch.export has no graph with a dynamic batch for it), where the original accepts any batch size")
+
+
 def capture_text(r: ZooRow) -> str:
     """The capture column: ``symbolic`` / ``export`` / ``submodules``, ``—`` when the pass returned nothing."""
     return r.capture or "—"
@@ -58,6 +62,8 @@ def capture_notes(r: ZooRow) -> List[str]:
     kind = export_failure_kind(r.export_error or r.capture_reason) if r.capture == "submodules" else ""
     if kind:
         notes.append(kind)
+    if r.capture == "export" and "static shapes" in r.capture_reason and "no tensor input" not in r.capture_reason:
+        notes.append(STATIC_EXPORT)
     return [_short(n, 400) for n in notes]
 
 
