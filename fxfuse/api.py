@@ -190,6 +190,7 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
     result: Optional[nn.Module] = None
     symbolic_error: Optional[Exception] = None
     chosen: Optional[FusionReport] = None
+    export_note: Optional[str] = None
     if capture in ("auto", "symbolic"):
         try:
             gm = trace(work)
@@ -216,7 +217,15 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
                                          f"{_first_line(exc, 160)})"
         else:
             how = f"torch.export in {captured.seconds:.2f} s, {captured.dynamic}"
-            if result is None or chosen is None:
+            if capture == "auto" and captured.batch_pinned and dynamic_shapes is None \
+                    and (result is not None or fallback):
+                # A program pinned to the example's batch size would refuse batch sizes the model accepts:
+                # auto keeps a capture that does not (symbolic, or the sub-module fallback).
+                export_note = (f"export not used: it captured {captured.dynamic} — the result would run at the "
+                               f"example's batch size only (capture=\"export\" returns that program)")
+                if result is not None:
+                    report.capture_reason += f"; {export_note}"
+            elif result is None or chosen is None:
                 why = "requested" if capture == "export" else (
                     f"symbolic tracing failed ({type(symbolic_error).__name__}: "
                     f"{_first_line(symbolic_error, 160) if symbolic_error is not None else ''})")
@@ -253,8 +262,8 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
                                     symbolic_error)
         report.verify_dtype = _dtypes.dtype_name(_dtypes.leaf_dtype(reference)) if opts.verify else None
         report.capture = "submodules"
-        report.capture_reason = ("the model does not trace whole with torch.fx"
-                                 + (" and torch.export failed" if capture == "auto" else ""))
+        report.capture_reason = "the model does not trace whole with torch.fx" + (
+            f"; {export_note}" if export_note else " and torch.export failed" if capture == "auto" else "")
 
     return result
 

@@ -188,6 +188,36 @@ def test_static_batch_when_the_code_specializes_it() -> None:
     assert "static shapes" in fused.fxfuse_report.capture_reason
 
 
+class BatchOneSpecialCase(nn.Module):
+    """A traceable body, then a branch on ``int()`` of the batch size: symbolic tracing fails at the root, and
+    export can only capture the example's batch size (the dynamic graph takes the other branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.body(x)
+        return y * 2 if int(y.shape[0]) == 1 else y
+
+
+def test_auto_does_not_return_a_program_pinned_to_the_example_batch() -> None:
+    """``capture="auto"`` keeps every batch size the model accepts: a static export loses to the sub-module
+    fallback (which still fuses the body) and the reason says so; ``capture="export"`` returns the static program."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(BatchOneSpecialCase(), 0).eval().double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    fused = assert_reparametrizes(model, x, randomize=False, expect_batch_norms=0)  # also checked at batch 2
+    report = fused.fxfuse_report
+    assert report.capture == "submodules" and "export not used: it captured static shapes" in \
+        report.capture_reason, report.capture_reason
+    assert dict(report.fused) == {"conv_bn": 1}
+    pinned = fxfuse.reparametrize(model, x, capture="export")
+    assert "static shapes" in pinned.fxfuse_report.capture_reason
+    with pytest.raises(Exception):
+        pinned(torch.randn(3, 3, 5, 5, dtype=torch.float64))
+
+
 def test_user_dynamic_shapes_make_spatial_dims_dynamic() -> None:
     model, x = make("reshape_star_size")
     dim = torch.export.Dim

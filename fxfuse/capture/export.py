@@ -44,6 +44,7 @@ class ExportCapture:
     gm: fx.GraphModule
     dynamic: str
     seconds: float
+    batch_pinned: bool = False  # exported static although the inputs have a batch dim export refused to free
 
 
 def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Any:
@@ -154,7 +155,8 @@ def _capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any,
             why_static = f"dynamic batch refused by torch.export ({type(exc).__name__}: " \
                          f"{_first_line(exc, 160)})"
     ep = torch.export.export(module, args, strict=False)
-    return ExportCapture(graph_of(ep), f"static shapes: {why_static}", time.perf_counter() - start)
+    return ExportCapture(graph_of(ep), f"static shapes: {why_static}", time.perf_counter() - start,
+                         batch_pinned=shapes is not None)
 
 
 def dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
