@@ -74,7 +74,7 @@ def rerender(paths: Sequence[str], out: str, extra_note: str = "") -> int:
     """Write the report from saved runs instead of running: ``paths`` are ``--json`` files, each with its
     ``.meta.json`` (command, date, note, pass speed); rows of a later file replace the rows of the same model in an
     earlier one (a partial re-run merged into a full sweep), in the first file's model order. The header is the
-    first file's, plus a line naming each merged run."""
+    first file's, then ``extra_note`` (e.g. why rows were re-run), then a sentence naming each merged run."""
     metas = [json.loads(Path(p + ".meta.json").read_text()) for p in paths]
     rows: Dict[str, ZooRow] = {}
     for p in paths:
@@ -82,12 +82,12 @@ def rerender(paths: Sequence[str], out: str, extra_note: str = "") -> int:
             rows[data["name"]] = row_from_json(data)
     first = metas[0]
     note = run_note(first.get("source", ""), first.get("note", ""))
+    note += f" {extra_note.strip()}" if extra_note.strip() else ""
     for p, meta in zip(paths[1:], metas[1:]):
         names = [d["name"] for d in json.loads(Path(p).read_text())]
         about = "; ".join(x.strip().rstrip(".") for x in (meta.get("source", ""), meta.get("note", "")) if x.strip())
         note += (f" Rows of {', '.join(names)} come from a later run: `{meta['command']}`, {meta['date']}"
                  f"{f' ({about})' if about else ''}.")
-    note += f" {extra_note.strip()}" if extra_note.strip() else ""
     text = render(list(rows.values()), header(first["command"], first["date"], first["min_run_time"], note,
                                               first.get("machine")), first.get("speed_info"))
     Path(out).write_text(text)
