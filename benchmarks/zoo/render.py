@@ -108,7 +108,8 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
             ("Failed", lambda r: r.status == "FAIL"),
             ("Captured whole by torch.export (symbolic tracing could not, or did less)",
              lambda r: r.capture == "export"),
-            ("Fallback (neither torch.fx nor torch.export captured the whole model)",
+            ("Fallback (sub-modules rewritten: neither torch.fx nor a torch.export graph that keeps every batch size "
+             "captured the whole model)",
              lambda r: r.status == "fallback"),
             ("BatchNorms left after the pass", lambda r: r.batch_norms[1] > 0),
             ("Checked in float32 (cannot run in float64)", lambda r: bool(r.float32_reason))):
