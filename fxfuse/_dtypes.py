@@ -165,9 +165,11 @@ def cast_slots(module: nn.Module, plan: DtypePlan, overflowed: Optional[List[str
         if id(t) in done:  # a tensor shared by two slots becomes one tensor again
             store[key] = done[id(t)]
             continue
-        finite = overflowed is not None and t.dtype != dtype and t.is_floating_point() and bool(t.isfinite().all())
-        done[id(t)] = cast_tensor_(store, key, t, dtype)
-        if finite and overflowed is not None and not bool(done[id(t)].isfinite().all()):
+        wide = t.detach() if t.dtype != dtype and t.is_floating_point() and dtype.is_floating_point else None
+        done[id(t)] = cast_tensor_(store, key, t, dtype)  # (a Parameter is cast in place; ``wide`` keeps its data)
+        # One pass over the cast tensor; the wide one is read only where the cast one is not finite.
+        if overflowed is not None and wide is not None and not bool(done[id(t)].isfinite().all()) \
+                and bool(wide.isfinite().all()):
             overflowed.append(f"{path} ({_dtype_name(dtype)})")
     return done
 

@@ -21,6 +21,7 @@ from .artifact import check_artifact, run_original
 from .capture.submodules import rewrite_submodules
 from .capture import export as _export
 from .errors import FusionError, UnfaithfulTrace
+from .ir.ops import module_kind
 from .ir.read import Reader
 from .report import FusionReport, GraphStats
 from .rewrite import RewriteContext, Rule, RuleLike, resolve_rules, run_rules
@@ -206,15 +207,16 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
         try:
             exported, exp_report, captured = _rewrite_exported(work, run_args, reference, opts, plan,
                                                                dynamic_shapes)
-        except Exception as exc:  # export failed, or its graph differs from the model
+        except Exception as exc:  # export failed, its graph differs from the model, or its rewrite failed
             if capture == "export" and isinstance(exc, FusionError) and not isinstance(exc, UnfaithfulTrace):
                 raise  # the graph was captured; the rewrite could not be verified
             if capture == "export":
-                raise FusionError(f"torch.export could not capture an equal graph of the model "
-                                  f"({type(exc).__name__}: {_first_line(exc, 300)})") from exc
+                raise FusionError(f"torch.export could not capture an equal graph of the model, or the rewrite of "
+                                  f"the captured graph failed ({type(exc).__name__}: {_first_line(exc, 300)})"
+                                  ) from exc
+            export_note = f"torch.export failed ({type(exc).__name__}: {_first_line(exc, 160)})"
             if result is not None:
-                report.capture_reason += f"; export not used ({type(exc).__name__}: " \
-                                         f"{_first_line(exc, 160)})"
+                report.capture_reason += f"; export not used: {export_note}"
         else:
             how = f"torch.export in {captured.seconds:.2f} s, {captured.dynamic}"
             if capture == "auto" and captured.batch_pinned and dynamic_shapes is None \
@@ -262,8 +264,8 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
                                     symbolic_error)
         report.verify_dtype = _dtypes.dtype_name(_dtypes.leaf_dtype(reference)) if opts.verify else None
         report.capture = "submodules"
-        report.capture_reason = "the model does not trace whole with torch.fx" + (
-            f"; {export_note}" if export_note else " and torch.export failed" if capture == "auto" else "")
+        report.capture_reason = "the model does not trace whole with torch.fx" + (f"; {export_note}" if export_note
+                                                                                 else "")
 
     return result
 
@@ -278,8 +280,13 @@ def _attempt(module: nn.Module, calls: Sequence[Call], opts: _Options, target: _
     except Exception as exc:  # the traced graph does not run on the recorded inputs
         raise UnfaithfulTrace(f"the traced graph does not run ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from exc
-    ctx = RewriteContext(gm, target.dtypes, target.default_dtype, target.requires_grad,
-                         reshape=lambda: propagate_shapes(gm, calls[0]))
+    def reshape() -> None:
+        if not opts.in_float64:  # the graph runs in the model's dtypes: so must the fused layers it now calls
+            for mod, dt in ctx.live_new_modules():
+                mod.to(dt)
+        propagate_shapes(gm, calls[0])
+
+    ctx = RewriteContext(gm, target.dtypes, target.default_dtype, target.requires_grad, reshape=reshape)
     result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
     gm.delete_all_unused_submodules()
     if not opts.in_float64:
@@ -380,9 +387,17 @@ def _export_may_improve(report: Optional[FusionReport], gm: Optional[nn.Module])
     if report.after.batch_norms == 0 and not report.unfused:
         return False
     reader = Reader(gm)
-    return any(n.op == "call_module" and reader.module(n) is None
-               and any(True for _ in reader.modules[str(n.target)].parameters())
+    return any(n.op == "call_module" and reader.module(n) is None and _opaque_layer(reader.modules[str(n.target)])
                for n in gm.graph.nodes if str(n.target) in reader.modules)
+
+
+def _opaque_layer(mod: nn.Module) -> bool:
+    """A conv / BN / linear-kind leaf (:func:`fxfuse.ir.ops.module_kind`) the symbolic graph cannot read — a
+    subclass overriding ``forward``, or hooked — or any hooked leaf with parameters: export runs its Python and may
+    expose a fusable layer. Other ``torch.nn`` leaves (LayerNorm, GroupNorm, attention) stay unfusable in any
+    capture, so they cost no export."""
+    hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
+    return module_kind(mod) is not None or (hooked and any(True for _ in mod.parameters()))
 
 
 def _rewrite_exported(work: nn.Module, run_args: Tuple[Any, ...], reference: Any, opts: _Options,

@@ -49,8 +49,12 @@ class ExportCapture:
 
 def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Any:
     """``dynamic_shapes`` marking dim 0 of every tensor input whose dim 0 equals the first tensor input's as one
-    shared dynamic ``batch`` dim (``None`` when no input is a tensor with a dim)."""
-    tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0]
+    shared dynamic ``batch`` dim (``None`` when no input is a tensor with a dim). Tensors in a list stay static:
+    a list of tensors is the batch itself (detection models take a list of ``[C, H, W]`` images)."""
+    def batched(a: Any) -> list:
+        return [] if isinstance(a, list) else [t for t in tree_leaves(a) if isinstance(t, Tensor) and t.dim() > 0]
+
+    tensors = [t for a in args for t in batched(a)]
     if not tensors:
         return None
     n = tensors[0].shape[0]
@@ -59,7 +63,11 @@ def batch_dynamic_shapes(args: Tuple[Any, ...]) -> Any:
     def spec(t: Any) -> Any:
         return {0: batch} if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None
 
-    return tuple(tree_map(spec, a) if isinstance(a, (tuple, list, dict)) else spec(a) for a in args)
+    def static(t: Any) -> Any:
+        return None
+
+    return tuple(tree_map(static, a) if isinstance(a, list) else tree_map(spec, a) if isinstance(a, (tuple, dict))
+                 else spec(a) for a in args)
 
 
 def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
@@ -143,7 +151,7 @@ def _capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any,
                                  dynamic_shapes=dynamic_shapes)
         return ExportCapture(graph_of(ep), "as given by dynamic_shapes", time.perf_counter() - start)
     shapes = batch_dynamic_shapes(args)
-    why_static = "no tensor input"
+    why_static = "no tensor input with a batch dim (tensors in a list stay static)"
     if shapes is not None:
         try:
             ep = torch.export.export(module, trace_inputs(args, shapes), strict=False, dynamic_shapes=shapes)
