@@ -214,7 +214,7 @@ def _capture_and_rewrite(work: nn.Module, example: Call, opts: _Options, plan: _
                 raise FusionError(f"torch.export could not capture an equal graph of the model, or the rewrite of "
                                   f"the captured graph failed ({type(exc).__name__}: {_first_line(exc, 300)})"
                                   ) from exc
-            export_note = f"torch.export failed ({type(exc).__name__}: {_first_line(exc, 160)})"
+            export_note = f"torch.export failed ({_export.failure_text(exc)})"
             if result is not None:
                 report.capture_reason += f"; export not used: {export_note}"
         else:

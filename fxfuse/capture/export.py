@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -33,7 +34,7 @@ from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
 from ..rewrite.context import erase_if_dead
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
-           "dynamic_shapes_of", "to_exported_program"]
+           "dynamic_shapes_of", "to_exported_program", "failure_text"]
 
 
 @dataclass
@@ -201,6 +202,27 @@ def dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
     # Rebuild the (args, kwargs) structure of the exported call with the per-leaf specs.
     args_part, kwargs_part = torch.utils._pytree.tree_unflatten(specs, args_spec)
     return None if kwargs_part else tuple(args_part)
+
+
+def failure_text(exc: BaseException, limit: int = 160) -> str:
+    """``"Type: first line [at file:line in function]"`` for why an export failed: the innermost exception of the
+    ``__cause__`` / ``__context__`` chain, located at the deepest frame outside torch and fxfuse — the model line
+    where torch.export stopped (``if boxes.numel() == 0`` in torchvision's NMS), when there is one."""
+    chain = [exc]
+    while len(chain) < 8:
+        nxt = chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    text = f"{type(chain[-1]).__name__}: {_first_line(chain[-1], limit)}"
+    skip = ("/torch/", "/contextlib.py", "/fxfuse/")
+    for e in reversed(chain):
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not any(part in f.filename.replace("\\", "/") for part in skip)]
+        if frames:
+            where = frames[-1]
+            return f"{text} [at {where.filename.rsplit('site-packages/', 1)[-1]}:{where.lineno} in {where.name}]"
+    return text
 
 
 def _first_line(exc: BaseException, limit: int) -> str:
