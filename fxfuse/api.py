@@ -92,7 +92,8 @@ def reparametrize(
     (item assignment, ``int()`` of sizes, branches on shapes or devices, caches); the batch dim stays dynamic
     unless ``dynamic_shapes`` (``torch.export``'s argument) says otherwise. ``"auto"`` (default): symbolic
     tracing, then export when tracing fails or leaves BatchNorms / unfused candidates, keeping the result that
-    executes fewer convs + BatchNorms (symbolic on a tie); the per-sub-module fallback comes last.
+    executes fewer convs + BatchNorms (symbolic on a tie), never an export pinned to the example's batch size
+    while a capture that keeps every batch size exists; the per-sub-module fallback comes last.
     ``report.capture`` / ``report.capture_reason`` say which was used and why. An ``ExportedProgram`` passed as
     ``model`` is rewritten by :func:`reparametrize_exported` and one is returned (``example_input`` then defaults
     to the inputs it was exported with).
