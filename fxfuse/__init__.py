@@ -9,6 +9,7 @@ Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxf
 
 from .api import compile, reparametrize, reparametrize_exported
 from .errors import FusionError
+from .reasons import Reason
 from .report import FusionReport, GraphStats, Unfused
 from .rewrite import Rule, RewriteContext, register_rule, registered_rules, unregister_rule
 from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
@@ -21,6 +22,7 @@ __all__ = [
     "reparametrize_exported",
     "compile",
     "FusionError",
+    "Reason",
     "FusionReport",
     "GraphStats",
     "Unfused",

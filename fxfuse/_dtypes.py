@@ -1,61 +1,38 @@
-"""dtype bookkeeping: the float64 working copy, and giving every tensor of the result its dtype back.
+"""dtype logic: the float64 lens on a captured graph, and the way back to the model's own dtypes.
 
-The pass computes on a float64 copy. Afterwards every tensor reachable from the result — parameters, buffers,
-plain tensor attributes of every module, GraphModule constants (``_tensor_constantN``: tensors the trace evaluated,
-which ``fx.GraphModule`` registers as buffers), tensors a forward cached — must hold the dtype it would have had
-without fxfuse: the original tensor's dtype for what came from the model, the dtype of the replaced layer for
-fused parameters, and the model's own (dominant) floating dtype for anything created while the copy ran in
-float64. :func:`cast_back` owns that audit; :func:`float64_leaks` checks it before the result is returned.
+The graph is captured from the model as given, in its own dtypes and on its device (docs/dtypes.md): every dtype
+the forward derives (``torch.arange(n, dtype=x.dtype)``, ``x.to(w.dtype)``, ``torch.full(..., dtype=...)``) is
+recorded as the model computes it. The rules and the float64 check run on a :class:`Lens` of that graph: a
+standalone copy whose floating tensors are float64 copies of the model's and whose recorded floating dtype
+literals (and ``.float()`` / ``.half()`` / ``.bfloat16()`` calls) are retargeted to float64, so the fold
+arithmetic is exact and verification can be tight. :meth:`Lens.back` builds what is returned: the rewritten
+graph with every literal restored, every unchanged tensor a copy of the model's own (bit-identical: the float64
+copies were exact), every fused tensor cast once to the dtype of the layer it replaces.
+
+Where the model cannot run in float64, the lens is an own-dtype copy (``Lens.of(gm, float64=False)``) and the
+check runs in the model's dtype with a dtype-aware tolerance.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, MutableMapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture.state import MODULE_INTERNALS
+from .ir.graphs import eager_spellings, fetch, plain_calling_convention, standalone_copy
 
-Slot = Tuple[nn.Module, MutableMapping[str, Any], str, Tensor]
-
-
-def tensor_slots(root: nn.Module) -> Iterator[Slot]:
-    """``(module, store, name, tensor)`` for every parameter and buffer slot of every module (shared tensors
-    appear once per slot)."""
-    for _, mod, store, key, t in named_tensor_slots(root):
-        yield mod, store, key, t
-
-
-def named_tensor_slots(root: nn.Module) -> Iterator[Tuple[str, nn.Module, MutableMapping[str, Any], str, Tensor]]:
-    """``(path, module, store, name, tensor)`` for every parameter and buffer slot (``path``: dotted name from
-    ``root``; a module reachable under several names is visited once, under its first)."""
-    for prefix, mod in root.named_modules():
-        for store in (mod._parameters, mod._buffers):
-            for key, t in list(store.items()):
-                if t is not None:
-                    yield (f"{prefix}.{key}" if prefix else key), mod, store, key, t
-
-
-def attribute_tensors(root: nn.Module) -> Iterator[Tuple[str, nn.Module, str, Any]]:
-    """``(path, module, attribute, value)`` for every plain attribute of every module that is a tensor or a
-    list/tuple/dict holding tensors (not parameters or buffers, not ``nn.Module``'s bookkeeping, not a
-    GraphModule's ``meta``)."""
-    for path, mod in root.named_modules():
-        for key, value in list(vars(mod).items()):
-            if key in MODULE_INTERNALS or (key == "meta" and isinstance(mod, fx.GraphModule)):
-                continue
-            if any(isinstance(leaf, Tensor) for leaf in tree_flatten(value)[0]):
-                yield (f"{path}.{key}" if path else key), mod, key, value
+# Tensor methods that name a floating dtype: the lens calls ``double`` instead and the way back restores them.
+_DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 
 
 def dominant_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype holding most parameter elements (the default dtype if there is none)."""
+    """The floating dtype holding most parameter and buffer elements (the default dtype if there is none)."""
     counts: Dict[torch.dtype, int] = {}
     for p in itertools.chain(module.parameters(), module.buffers()):
         if p.is_floating_point():
@@ -64,8 +41,7 @@ def dominant_dtype(module: nn.Module) -> torch.dtype:
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` with its floating parameters and buffers created in float64 directly: one new
-    tensor per weight instead of a copy and then a cast (on big models the pass is bound by fresh memory)."""
+    """``copy.deepcopy(model)`` with its floating parameters and buffers created in float64 directly."""
     memo: Dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         if type(t) in (Tensor, nn.Parameter) and t.is_floating_point() and id(t) not in memo:
@@ -75,208 +51,10 @@ def float64_copy(model: nn.Module) -> nn.Module:
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` that shares the parameters and buffers (modules and plain attributes are copied):
-    running it leaves ``model``'s attributes and mode alone at the cost of no weight memory. (An in-place write to
-    a buffer in forward would still reach ``model``.)"""
+    """``copy.deepcopy(model)`` sharing the parameters and buffers (modules and plain attributes are copied): it can
+    be put in eval mode, run and captured without touching ``model``'s attributes or mode, at no weight memory."""
     memo: Dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
-
-
-def cast_tensor_(store: MutableMapping[str, Any], key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Give slot ``store[key]`` dtype ``dtype``; a Parameter keeps its identity (``.data`` is swapped)."""
-    if t.dtype == dtype:
-        return t
-    if isinstance(t, nn.Parameter):
-        t.data = t.data.to(dtype)
-        return t
-    store[key] = t.to(dtype)
-    return store[key]
-
-
-@dataclass
-class DtypePlan:
-    """Target dtype of tensors of the working copy, by identity (the tensor is kept alive so ids stay unique).
-
-    ``model_dtype`` is the dtype for floating tensors with no recorded origin (created while the copy ran)."""
-
-    model_dtype: torch.dtype
-    _plan: Dict[int, Tuple[Tensor, torch.dtype]] = field(default_factory=dict)
-    float64_attributes: Set[str] = field(default_factory=set)  # attribute paths that are float64 in the model
-
-    def record_attributes(self, original: nn.Module) -> None:
-        """Remember which plain tensor attributes of the original model are float64 on purpose."""
-        for path, _, _, value in attribute_tensors(original):
-            if any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in tree_flatten(value)[0]):
-                self.float64_attributes.add(path)
-
-    def record(self, t: Tensor, dtype: torch.dtype) -> None:
-        self._plan[id(t)] = (t, dtype)
-
-    def target(self, t: Tensor) -> Optional[torch.dtype]:
-        entry = self._plan.get(id(t))
-        return entry[1] if entry is not None and entry[0] is t else None
-
-    def as_id_map(self) -> Dict[int, torch.dtype]:
-        return {k: d for k, (_, d) in self._plan.items()}
-
-    def record_slots(self, work: nn.Module, dtypes: SlotDtypes) -> None:
-        """Record for every slot of ``work`` the dtype ``dtypes`` (from :func:`slot_dtypes`) holds for it."""
-        for mod, _, key, t in tensor_slots(work):
-            dtype = dtypes.get((id(mod), key))
-            if dtype is not None:
-                self.record(t, dtype)
-
-
-SlotDtypes = Dict[Tuple[int, str], torch.dtype]
-
-
-def slot_dtypes(original: nn.Module, work: nn.Module) -> SlotDtypes:
-    """``(id(module of work), slot name) -> dtype`` of the matching slot of ``original`` (``work`` is
-    ``original`` or its deep copy, so the two module trees correspond one to one)."""
-    return {(id(w), key): t.dtype for m, w in zip(original.modules(), work.modules())
-            for store in (m._parameters, m._buffers) for key, t in store.items() if t is not None}
-
-
-def restore_slot_dtypes(module: nn.Module, dtypes: SlotDtypes) -> None:
-    """Give every slot back its recorded dtype (undoes ``.double()``; parameters keep their identity)."""
-    for mod, store, key, t in tensor_slots(module):
-        dtype = dtypes.get((id(mod), key))
-        if dtype is not None:
-            cast_tensor_(store, key, t, dtype)
-
-
-@dataclass
-class CastReport:
-    """What :func:`cast_back` changed besides the planned parameters and buffers."""
-
-    attributes: List[str] = field(default_factory=list)  # "path (dtype)" of the tensors cast from float64
-    overflowed: List[str] = field(default_factory=list)  # "path (dtype)": finite in float64, inf/NaN once cast
-
-
-def cast_slots(module: nn.Module, plan: DtypePlan, overflowed: Optional[List[str]] = None) -> Dict[int, Tensor]:
-    """Give every parameter and buffer of ``module`` its planned dtype (tensors with no plan are left alone).
-    Returns ``id(old tensor) -> tensor now in its slot`` for the planned tensors; appends to ``overflowed`` the
-    slots whose finite values do not fit the dtype (a fused float16 weight ``w·γ/σ`` beyond 65504)."""
-    done: Dict[int, Tensor] = {}
-    for path, _, store, key, t in named_tensor_slots(module):
-        dtype = plan.target(t)
-        if dtype is None:
-            continue
-        if id(t) in done:  # a tensor shared by two slots becomes one tensor again
-            store[key] = done[id(t)]
-            continue
-        wide = t.detach() if t.dtype != dtype and t.is_floating_point() and dtype.is_floating_point else None
-        done[id(t)] = cast_tensor_(store, key, t, dtype)  # (a Parameter is cast in place; ``wide`` keeps its data)
-        # One pass over the cast tensor; the wide one is read only where the cast one is not finite.
-        if overflowed is not None and wide is not None and not bool(done[id(t)].isfinite().all()) \
-                and bool(wide.isfinite().all()):
-            overflowed.append(f"{path} ({_dtype_name(dtype)})")
-    return done
-
-
-def _stray_float64(t: Any, path: str, plan: DtypePlan) -> bool:
-    """A float64 tensor with no planned dtype that the model did not hold as float64 under ``path``: made from
-    the float64 copy (a trace-time constant, a cache filled by a float64 run)."""
-    return (isinstance(t, Tensor) and t.dtype == torch.float64 and plan.target(t) is None
-            and path not in plan.float64_attributes and plan.model_dtype != torch.float64)
-
-
-def cast_back(root: nn.Module, plan: DtypePlan) -> CastReport:
-    """The dtype audit of everything reachable from ``root``.
-
-    * parameters and buffers of the model and fused parameters: the planned dtype (:func:`cast_slots`);
-    * any other float64 tensor — slots the plan does not know (``_tensor_constantN`` and plain attributes that
-      ``fx.GraphModule`` registered as buffers) and plain tensor attributes (also inside lists / tuples / dicts)
-      — goes to ``plan.model_dtype``, unless it is float64 in the model under the same path
-      (``plan.float64_attributes``); a plain attribute aliasing a planned tensor gets that tensor's new value.
-
-    Nothing float64 survives unless the model had it. (A constant the trace computed from a float64 tensor of a
-    model that is otherwise float32 also becomes float32: fxfuse cannot tell what a constant was computed from;
-    the artifact check then compares outputs and their dtypes.)"""
-    report = CastReport()
-    done = cast_slots(root, plan, report.overflowed)
-    model_dtype = _dtype_name(plan.model_dtype)
-    for path, _, store, key, t in named_tensor_slots(root):
-        if _stray_float64(t, path, plan):
-            cast_tensor_(store, key, t, plan.model_dtype)
-            report.attributes.append(f"{path} ({model_dtype})")
-    for path, mod, key, value in attribute_tensors(root):
-        new = _cast_attribute(value, path, plan, done)
-        if new is not value:
-            vars(mod)[key] = new  # a plain attribute stays one (nn.Module.__setattr__ would register a Parameter)
-            if any(_is_float64_cast(o, n) for o, n in zip(tree_flatten(value)[0], tree_flatten(new)[0])):
-                report.attributes.append(f"{path} ({model_dtype})")
-    return report
-
-
-def _cast_attribute(value: Any, path: str, plan: DtypePlan, done: Dict[int, Tensor]) -> Any:
-    """A plain attribute's value with stray float64 tensors cast to the model's dtype and aliases of cast slots
-    replaced by the slot's new tensor; ``value`` itself (same object) when nothing changes."""
-    changed = False
-
-    def cast(t: Any) -> Any:
-        nonlocal changed
-        if isinstance(t, Tensor) and plan.target(t) is not None and done.get(id(t), t) is not t:
-            changed = True
-            return done[id(t)]  # an alias of a buffer that was cast: the slot's new tensor
-        if not _stray_float64(t, path, plan):
-            return t
-        changed = True
-        return t.to(plan.model_dtype)
-
-    new = cast(value) if isinstance(value, Tensor) else tree_map(cast, value)
-    return new if changed else value
-
-
-def _is_float64_cast(old: Any, new: Any) -> bool:
-    return isinstance(old, Tensor) and old.dtype == torch.float64 and isinstance(new, Tensor) \
-        and new.dtype != torch.float64
-
-
-def float64_leaks(root: nn.Module, plan: DtypePlan) -> List[str]:
-    """Paths of float64 tensors reachable from ``root`` that were not float64 in the model: planned slots whose
-    plan says otherwise, unplanned slots and plain attributes (empty after :func:`cast_back`; checked before the
-    result is returned)."""
-    if plan.model_dtype == torch.float64:
-        return []
-
-    def leaked(t: Any, path: str) -> bool:
-        return isinstance(t, Tensor) and t.dtype == torch.float64 \
-            and (plan.target(t) not in (None, torch.float64) or _stray_float64(t, path, plan))
-
-    leaks = [path for path, _, _, _, t in named_tensor_slots(root) if leaked(t, path)]
-    leaks += [path for path, _, _, value in attribute_tensors(root)
-              if any(leaked(t, path) for t in tree_flatten(value)[0])]
-    return leaks
-
-
-def frozen_constants(root: nn.Module, plan: DtypePlan) -> List[str]:
-    """``"path [shape] dtype"`` of every tensor a graph of ``root`` reads (``get_attr``) that is not a parameter or
-    buffer of the model: values the trace evaluated (``_tensor_constantN``, e.g. a relative-position bias or an
-    attention mask computed from buffers) or plain tensor attributes. They are a snapshot: loading new weights
-    into the fused model does not update them. Call before :func:`cast_back` (the plan knows tensors by
-    identity); dtypes are the ones the model will hold."""
-    out: List[str] = []
-    for prefix, gm in root.named_modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            if node.op != "get_attr":
-                continue
-            try:
-                value = operator.attrgetter(node.target)(gm)
-            except AttributeError:
-                continue
-            if not isinstance(value, Tensor) or plan.target(value) is not None:
-                continue
-            path = f"{prefix}.{node.target}" if prefix else node.target
-            dtype = plan.model_dtype if _stray_float64(value, path, plan) else value.dtype
-            out.append(f"{path} {list(value.shape)} {_dtype_name(dtype)}")
-    return out
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def cast_inputs(args: Any, dtype: torch.dtype) -> Any:
@@ -292,27 +70,207 @@ def leaf_dtype(output: Any) -> Optional[torch.dtype]:
     return None
 
 
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``float32`` for ``torch.float32`` (``None`` for no dtype)."""
+    return str(dtype).replace("torch.", "")
+
+
+def reachable_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor held by ``obj`` (a tensor, or a module tree: parameters, buffers, plain tensor attributes, also
+    inside lists / tuples / dicts), shared ones once per place."""
+    if isinstance(obj, Tensor):
+        yield obj
+        return
+    if not isinstance(obj, nn.Module):
+        return
+    for mod in obj.modules():
+        yield from (t for t in mod._parameters.values() if t is not None)
+        yield from (t for t in mod._buffers.values() if t is not None)
+        for key, value in vars(mod).items():
+            if key in MODULE_INTERNALS or (key == "meta" and isinstance(mod, fx.GraphModule)):
+                continue
+            yield from (t for t in tree_flatten(value)[0] if isinstance(t, Tensor))
+
+
+def _graph_tensors(gm: fx.GraphModule) -> Iterator[Tuple[str, Tensor]]:
+    """``(target, tensor)`` for every tensor reachable from what ``gm``'s graph reads."""
+    seen: Set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in seen:
+            seen.add(str(node.target))
+            for t in reachable_tensors(fetch(gm, str(node.target))):
+                yield str(node.target), t
+
+
+def _as_like(value: Tensor, like: Tensor, requires_grad: Optional[bool] = None) -> Tensor:
+    """``value`` as a Parameter when ``like`` is one (with ``like``'s ``requires_grad`` unless given)."""
+    if isinstance(like, nn.Parameter):
+        return nn.Parameter(value, like.requires_grad if requires_grad is None else requires_grad)
+    return value
+
+
+# ------------------------------------------------------------------------------------- dtype literals
+@dataclass
+class _Literals:
+    """The floating dtypes a node named, in argument order, and the dtype method it called (``x.float()``)."""
+
+    dtypes: List[torch.dtype]
+    method: Optional[str] = None
+
+
+def _retarget(graph: fx.Graph, to: torch.dtype) -> Dict[str, _Literals]:
+    """Point every floating dtype literal and dtype method of ``graph`` at ``to``; returns what each changed node
+    named, for :func:`_restore`."""
+    record: Dict[str, _Literals] = {}
+    for node in graph.nodes:
+        seen: List[torch.dtype] = []
+
+        def swap(a: Any) -> Any:
+            if isinstance(a, torch.dtype) and a.is_floating_point:
+                seen.append(a)
+                return to
+            return a
+
+        args, kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
+        method = node.target if node.op == "call_method" and node.target in _DTYPE_METHODS else None
+        if any(d != to for d in seen) or (method is not None and _DTYPE_METHODS[str(method)] != to):
+            node.args, node.kwargs = args, kwargs  # type: ignore[assignment]
+            if method is not None:
+                node.target = next(m for m, d in _DTYPE_METHODS.items() if d == to)
+            record[node.name] = _Literals(seen, str(method) if method is not None else None)
+    return record
+
+
+def _restore(graph: fx.Graph, record: Dict[str, _Literals]) -> None:
+    """Undo :func:`_retarget` on the nodes of ``graph`` that still carry a recorded name."""
+    for node in graph.nodes:
+        lit = record.get(node.name)
+        if lit is None:
+            continue
+        queue = list(lit.dtypes)
+
+        def back(a: Any) -> Any:
+            if isinstance(a, torch.dtype) and a.is_floating_point and queue:
+                return queue.pop(0)
+            return a
+
+        node.args = fx.node.map_aggregate(node.args, back)  # type: ignore[assignment]
+        node.kwargs = fx.node.map_aggregate(node.kwargs, back)  # type: ignore[assignment]
+        if lit.method is not None and node.op == "call_method":
+            node.target = lit.method
+
+
+def graph_dtype_literals(gm: fx.GraphModule) -> List[Tuple[str, torch.dtype]]:
+    """``(node, dtype)`` for every floating dtype literal in ``gm``'s node arguments (an audit of what the returned
+    graph computes in)."""
+    out: List[Tuple[str, torch.dtype]] = []
+    for node in gm.graph.nodes:
+        for a in tree_flatten((list(node.args), dict(node.kwargs)))[0]:
+            if isinstance(a, torch.dtype) and a.is_floating_point:
+                out.append((node.name, a))
+    return out
+
+
+# ------------------------------------------------------------------------------------- the lens
 @dataclass
 class FusedTarget:
-    """What every rewrite attempt on one module shares: the dtype each tensor goes back to, the dtype for fused
-    tensors without an original (most parameters' dtype), and whether fused parameters require grad."""
+    """What every rewrite attempt on one graph shares: the dtype each lens tensor goes back to (by id), the dtype
+    for fused tensors without an original (most parameters' dtype), and whether fused parameters require grad."""
 
     dtypes: Dict[int, torch.dtype]
     default_dtype: torch.dtype
     requires_grad: bool
 
+
+@dataclass
+class Lens:
+    """The graph the rules rewrite and the check runs: a float64 view of a captured graph (``float64``), or an
+    own-dtype copy where float64 is impossible. ``originals``: ``id(lens tensor) -> (lens tensor, model tensor)``
+    for every floating tensor the graph reads; ``literals``: the dtype literals retargeted, per node name."""
+
+    gm: fx.GraphModule
+    float64: bool
+    originals: Dict[int, Tuple[Tensor, Tensor]]
+    literals: Dict[str, _Literals]
+    model_dtype: torch.dtype
+    model_state: Set[int] = field(default_factory=set)  # ids of the model's parameters and buffers
+
     @classmethod
-    def of(cls, module: nn.Module, plan: DtypePlan) -> FusedTarget:
-        ids = plan.as_id_map()
+    def of(cls, gm: fx.GraphModule, float64: bool, model_state: Optional[Set[int]] = None) -> Lens:
+        memo: Dict[int, Any] = {}
+        originals: Dict[int, Tuple[Tensor, Tensor]] = {}
         counts: Dict[torch.dtype, int] = {}
-        for p in module.parameters():
-            d = ids.get(id(p), p.dtype)
-            if d.is_floating_point:
-                counts[d] = counts.get(d, 0) + p.numel()
-        default = max(counts, key=lambda d: counts[d]) if counts else plan.model_dtype
-        return cls(ids, default, any(p.requires_grad for p in module.parameters()))
+        for _, t in _graph_tensors(gm):
+            if id(t) in memo or type(t) not in (Tensor, nn.Parameter):
+                continue
+            copied = t.detach().to(torch.float64 if float64 and t.is_floating_point() else t.dtype, copy=True)
+            memo[id(t)] = view = _as_like(copied, t)
+            originals[id(view)] = (view, t)
+            if isinstance(t, nn.Parameter):
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        model_dtype = max(counts, key=lambda d: counts[d]) if counts else (
+            next((t.dtype for _, t in originals.values()), torch.get_default_dtype()))
+        lens_gm = standalone_copy(gm, memo, class_name=type(gm).__name__)
+        literals = _retarget(lens_gm.graph, torch.float64) if float64 else {}
+        lens_gm.recompile()
+        return cls(lens_gm, float64, originals, literals, model_dtype, model_state or set())
+
+    def inputs(self, args: Any) -> Any:
+        """The example inputs as the lens runs them (floating tensors in float64 for a float64 lens)."""
+        return cast_inputs(args, torch.float64) if self.float64 else args
+
+    def fused_target(self) -> FusedTarget:
+        params = [(view, orig) for view, orig in self.originals.values() if isinstance(orig, nn.Parameter)]
+        counts: Dict[torch.dtype, int] = {}
+        for _, orig in params:
+            counts[orig.dtype] = counts.get(orig.dtype, 0) + orig.numel()
+        default = max(counts, key=lambda d: counts[d]) if counts else self.model_dtype
+        return FusedTarget({k: orig.dtype for k, (_, orig) in self.originals.items()}, default,
+                           any(orig.requires_grad for _, orig in params))
+
+    def back(self, fused: fx.GraphModule, new_modules: List[Tuple[nn.Module, torch.dtype]]) -> Returned:
+        """The model ``fused`` (a rewrite of :attr:`gm`) stands for, in the model's own dtypes: a standalone, flat
+        ``GraphModule`` holding copies of the model's tensors it still reads and the fused tensors cast once."""
+        new: Dict[int, Tuple[torch.dtype, str]] = {
+            id(t): (dt, name) for mod, dt in new_modules
+            for name, t in itertools.chain(mod.named_parameters(), mod.named_buffers())}
+        memo: Dict[int, Any] = {}
+        out = Returned(fused)
+        for target, t in _graph_tensors(fused):
+            if id(t) in memo:
+                continue
+            if id(t) in self.originals:
+                view, orig = self.originals[id(t)]
+                memo[id(t)] = _as_like(orig.detach().clone(), orig)
+                if id(orig) not in self.model_state:
+                    out.frozen.append((target, memo[id(t)]))
+            elif id(t) in new and t.is_floating_point():
+                dtype, name = new[id(t)]
+                cast = t.detach().to(dtype)
+                memo[id(t)] = _as_like(cast, t, t.requires_grad)
+                if t.dtype != cast.dtype and not bool(cast.isfinite().all()) and bool(t.isfinite().all()):
+                    out.overflowed.append(f"{target}.{name} ({dtype_name(cast.dtype)})")
+            elif t.is_floating_point() and t.dtype == torch.float64 and self.float64 \
+                    and self.model_dtype != torch.float64:
+                memo[id(t)] = _as_like(t.detach().to(self.model_dtype), t)  # made by the pass in the lens
+                out.cast.append(f"{target} ({dtype_name(self.model_dtype)})")
+        out.gm = standalone_copy(fused, memo, flat=True, class_name=type(self.gm).__name__)
+        _restore(out.gm.graph, self.literals)
+        eager_spellings(out.gm)
+        plain_calling_convention(out.gm)
+        out.gm.recompile()
+        out.gm.eval()
+        names = {id(t): n for n, t in itertools.chain(out.gm.named_parameters(), out.gm.named_buffers())}
+        out.frozen_names = [f"{names.get(id(t), target)} {list(t.shape)} {dtype_name(t.dtype)}" for target, t in out.frozen]
+        return out
 
 
-def dtype_name(dtype: Optional[torch.dtype]) -> str:
-    """``float32`` for ``torch.float32`` (``None`` for no dtype)."""
-    return str(dtype).replace("torch.", "")
+@dataclass
+class Returned:
+    """What :meth:`Lens.back` built: the returned graph module, and what the report says about its tensors."""
+
+    gm: fx.GraphModule
+    overflowed: List[str] = field(default_factory=list)  # "target (dtype)": finite in float64, inf once cast
+    cast: List[str] = field(default_factory=list)  # tensors the pass made in float64, cast to the model's dtype
+    frozen: List[Tuple[str, Tensor]] = field(default_factory=list)
+    frozen_names: List[str] = field(default_factory=list)  # "name [shape] dtype" of trace-time constants read

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, fx
 
 from .ir.ops import op_kind
+from .reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,28 @@ class Unfused:
     node: str
     target: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """A rewrite undone by verification: its key (``rule:node``), why (a :class:`Reason`), the failed check's detail."""
+
+    key: str
+    code: Reason
+    detail: str
+
+
+@dataclass(frozen=True)
+class CaptureAttempt:
+    """One capture ``reparametrize`` tried (``symbolic``, ``export``, ``submodules``): ``kept`` or not, why not (a
+    :class:`Reason`, ``None`` for the kept one), the convs + BatchNorms + pools its result executes on the example
+    input (``None`` where it gave no result), and a sentence."""
+
+    capture: str
+    kept: bool
+    code: Optional[Reason]
+    executed: Optional[int]
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +115,8 @@ class FusionReport:
 
     fused: Counter = field(default_factory=Counter)
     unfused: List[Unfused] = field(default_factory=list)
-    rolled_back: List[str] = field(default_factory=list)
+    rolled_back: List[str] = field(default_factory=list)  # keys of the rewrites undone (details: rollbacks)
+    rollbacks: List[Rollback] = field(default_factory=list)
     applied: List[str] = field(default_factory=list)
     before: GraphStats = field(default_factory=GraphStats)
     after: GraphStats = field(default_factory=GraphStats)
@@ -107,6 +131,8 @@ class FusionReport:
     # "submodules" (per-sub-module fallback) — and why that one (reparametrize(capture=...)).
     capture: str = "symbolic"
     capture_reason: str = ""
+    captures: List[CaptureAttempt] = field(default_factory=list)  # every capture tried, kept or dropped, and why
+    phases: Dict[str, float] = field(default_factory=dict)  # seconds per phase of the pass (capture, rules, …)
     submodules: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     artifact_check: Optional[str] = None  # the returned model, run once in its own dtype (see reparametrize)
@@ -121,7 +147,7 @@ class FusionReport:
 
     def take(self, other: FusionReport) -> None:
         """Adopt a whole-graph rewrite's report (keeps this report's warnings first)."""
-        for name in ("fused", "unfused", "rolled_back", "applied", "before", "after", "verified", "verify_dtype",
+        for name in ("fused", "unfused", "rolled_back", "rollbacks", "applied", "before", "after", "verified", "verify_dtype",
                      "max_abs_error", "max_rel_error", "tolerance", "weight_growth"):
             setattr(self, name, getattr(other, name))
         self.warnings.extend(other.warnings)
@@ -131,6 +157,7 @@ class FusionReport:
         self.fused.update(other.fused)
         self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.reason) for u in other.unfused)
         self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
+        self.rollbacks.extend(Rollback(f"{prefix}.{r.key}", r.code, r.detail) for r in other.rollbacks)
         self.applied.extend(f"{prefix}.{a}" for a in other.applied)
         self.weight_growth.extend(WeightGrowth(f"{prefix}.{g.module}", g.channels, g.max_growth, g.median_growth,
                                                g.outliers) for g in other.weight_growth)
@@ -159,8 +186,12 @@ class FusionReport:
         if not self.traced_whole:
             lines.append("  model did not trace as a whole; sub-modules:")
             lines.extend(f"    {k}: {v}" for k, v in self.submodules.items())
-        if self.rolled_back:
-            lines.append(f"  rolled back (changed outputs): {', '.join(self.rolled_back)}")
+        if self.rollbacks:
+            lines.append("  rolled back:")
+            lines.extend(f"    {r.key} [{r.code}]: {r.detail}" for r in self.rollbacks)
+        dropped = [c for c in self.captures if not c.kept]
+        if dropped:
+            lines.append("  captures not used: " + "; ".join(f"{c.capture} [{c.code}] {c.detail}" for c in dropped))
         if self.unfused:
             lines.append(f"  left unfused ({len(self.unfused)}):")
             lines.extend(f"    [{u.rule}] {u.node} ({u.target}): {u.reason}" for u in self.unfused)

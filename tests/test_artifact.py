@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 import fxfuse
-from fxfuse import FusionError
+from fxfuse import Reason
 from fxfuse.models import randomize_batchnorm_
 from fxfuse.testing import assert_close_f64
 from _reachable import floating_dtypes, reachable, wrong_dtypes
@@ -233,10 +233,8 @@ def test_swin_like_attention_runs_in_its_dtype(version: str, dtype: torch.dtype)
         t = reachable(fused)[path]
         assert list(t.shape) == shape and _name(t.dtype) == dt
         assert dt in (_name(dtype), "int64"), constants
-    # What was cast back from float64: exactly the float constants (none when the model is float64).
-    float_constants = {p for p, _, dt in constants if dt != "int64"}
-    cast = {c.split(" (")[0] for c in report.cast_attributes}
-    assert cast == (set() if dtype == torch.float64 else float_constants)
+    # Captured in the model's own dtypes (docs/dtypes.md): nothing was made in float64, so nothing is cast back.
+    assert report.cast_attributes == []
 
 
 class GatedFrozenAffine(nn.Module):
@@ -266,7 +264,7 @@ def test_unfolded_frozen_batchnorm_constants(dtype: torch.dtype) -> None:
     assert report.fused.get("conv_bn") == 1
     constants = frozen(report)
     assert sorted((shape, dt) for _, shape, dt in constants) == [([1, 4, 1, 1], _name(dtype))] * 2
-    assert sorted(c.split(" (")[0] for c in report.cast_attributes) == sorted(p for p, _, _ in constants)
+    assert report.cast_attributes == []  # computed by the capture in the model's dtype: nothing cast back
 
 
 @pytest.mark.parametrize("name,dtype", [
@@ -563,31 +561,33 @@ class Float64Affine(nn.Module):
 
 
 def test_mixed_dtype_fold_never_changes_the_output_dtype() -> None:
-    """Whatever the rules fold, what is returned answers in the original's dtype: the artifact check refuses a
-    result whose output dtype changed (today the ``× gain`` fold does that and the pass raises; a rule that
-    declines dtype-changing folds would return a float64-output model instead)."""
+    """Whatever the rules fold, what is returned answers in the original's dtype: folding ``× gain`` into the
+    float32 conv would make the output float32; the artifact check sees the changed dtype and that fold is rolled
+    back (code ``artifact_dtype``), while conv → BN stays fused."""
     torch.manual_seed(0)
     model = randomize_batchnorm_(Float64Affine(), 0).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         y = model(x)
     assert y.dtype == torch.float64
-    try:
-        fused = fxfuse.reparametrize(model, x)
-    except FusionError as exc:
-        assert "changed an output's dtype: output 0 is float32 on cpu, the original model's is float64" in str(exc)
-        return
+    fused = fxfuse.reparametrize(model, x)
+    report = fused.fxfuse_report
+    assert [r.code for r in report.rollbacks] == [Reason.ARTIFACT_DTYPE], report.rollbacks
+    assert "changed an output's dtype: output 0 is float32 on cpu, the original model's is float64" in \
+        report.rollbacks[0].detail
+    assert report.fused.get("conv_bn") == 1 and report.after.batch_norms == 0
     with torch.no_grad():
         out = fused(x)
     assert out.dtype == torch.float64
     assert_close_f64(y, out, rtol=1e-6)
-    assert fused.fxfuse_report.artifact_check.startswith("ran in float64")
+    assert report.artifact_check.startswith("ran in float64")
 
 
 # ============================================================================== the check can fail
 class DtypeFromParameters(nn.Module):
-    """Reads a dtype from a concrete parameter while traced: the float64 copy bakes ``torch.float64`` into the
-    graph (``out.to(torch.float64)``); the returned model would silently answer in float64."""
+    """Reads a dtype from a concrete parameter while traced: the trace records ``out.to(<that dtype>)``. Captured from
+    a float64 copy (fxfuse <= 0.2) that literal was float64 and the float32 model would have answered in float64;
+    captured from the model as given it is the model's own."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -597,11 +597,21 @@ class DtypeFromParameters(nn.Module):
         return self.bn(self.conv(x)).to(next(self.parameters()).dtype)
 
 
-def test_artifact_check_refuses_a_changed_output_dtype() -> None:
-    model = DtypeFromParameters().eval()
-    with pytest.raises(FusionError, match="changed an output's dtype: output 0 is float64.*original model's is "
-                                          "float32"):
-        fxfuse.reparametrize(model, torch.randn(1, 3, 5, 5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_dtype_read_from_a_parameter_is_the_models_own(capture: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(DtypeFromParameters(), 0).eval().to(dtype)
+    x = torch.randn(2, 3, 5, 5).to(dtype)
+    fused = fxfuse.reparametrize(model, x, capture=capture)
+    report = fused.fxfuse_report
+    assert report.fused.get("conv_bn") == 1 and report.after.batch_norms == 0 and not report.rolled_back
+    literals = [a for n in fused.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.dtype)]
+    assert torch.float64 not in literals and (capture == "symbolic" or dtype in literals), literals
+    with torch.no_grad():
+        out, y = fused(x), model(x)
+    assert out.dtype == y.dtype == dtype
+    assert_close_f64(y, out, rtol=4 * torch.finfo(dtype).eps)
 
 
 class ScoresThenNms(nn.Module):
@@ -644,10 +654,11 @@ def test_model_that_does_not_run_in_its_dtype_here_is_reported() -> None:
                          rtol=4 * torch.finfo(torch.bfloat16).eps)  # the fused weights rounded to bfloat16
 
 
-def test_float16_overflow_of_fused_weights_is_refused() -> None:
+def test_float16_overflow_of_fused_weights_is_rolled_back() -> None:
     """conv → BN with ``γ/σ ≈ 3·10⁵``: the original is fine in float16 (BN scales after the conv, outputs ~10⁴), but
-    the fused weight ``w·γ/σ`` does not fit float16 (max 65504) and the fused model answers inf. The float64 check
-    cannot see that; the artifact check refuses the result and names the tensors."""
+    the fused weight ``w·γ/σ`` does not fit float16 (max 65504) and the fused model would answer inf. The float64
+    check cannot see that; the artifact check can, and the fold is rolled back with its reason code: what is
+    returned is the unfused model, equal to the original in float16."""
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)).eval()
     with torch.no_grad():
         model[0].weight.fill_(1.0)
@@ -658,10 +669,16 @@ def test_float16_overflow_of_fused_weights_is_refused() -> None:
     x = (1 + 0.05 * torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))).half()
     model = model.half()
     with torch.no_grad():
-        assert model(x).isfinite().all() and model(x).abs().max() > 1000
-    with pytest.raises(FusionError, match=r"fused tensors do not fit the model's dtype \(finite in float64, inf once "
-                                          r"cast\): \S+\.weight \(float16\)"):
-        fxfuse.reparametrize(model, x)
+        y = model(x)
+        assert y.isfinite().all() and y.abs().max() > 1000
+    fused = fxfuse.reparametrize(model, x)
+    report = fused.fxfuse_report
+    assert [(r.key, r.code) for r in report.rollbacks] == [("conv_bn:_1", Reason.ARTIFACT_OVERFLOW)], report.rollbacks
+    assert re.search(r"finite in float64, inf once cast\): \S+\.weight \(float16\)", report.rollbacks[0].detail)
+    assert report.rolled_back == ["conv_bn:_1"] and report.after.batch_norms == 1 and not report.fused
+    with torch.no_grad():
+        out = fused(x)
+    assert out.dtype == torch.float16 and torch.equal(out, y)
 
 
 class DriftsBetweenCalls(nn.Module):

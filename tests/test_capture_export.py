@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fxfuse
+from fxfuse import Reason
 from fxfuse import GraphStats
 from fxfuse.models import build, randomize_batchnorm_
 from fxfuse.models.wild import CORPUS, DBBNet, ReshapeNet, conv_bn, make
@@ -111,7 +112,10 @@ def test_auto_keeps_symbolic_on_a_tie() -> None:
     fused = assert_reparametrizes(model, torch.randn(2, 3, 5, 5), expect_convs=1, expect_batch_norms=1)
     report = fused.fxfuse_report
     assert report.capture == "symbolic"
-    assert "export reached no fewer convs + BatchNorms (2 vs 2)" in report.capture_reason
+    assert "export not used [executes_more]: executes 2 convs + BatchNorms + pools, the kept symbolic capture 2" \
+        in report.capture_reason
+    assert [(c.capture, c.kept, c.code, c.executed) for c in report.captures] == [
+        ("symbolic", True, None, 2), ("export", False, Reason.EXECUTES_MORE, 2)]
 
 
 # ------------------------------------------------------------------- rules on ATen graphs (properties)
@@ -209,8 +213,10 @@ def test_auto_does_not_return_a_program_pinned_to_the_example_batch() -> None:
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     fused = assert_reparametrizes(model, x, randomize=False, expect_batch_norms=0)  # also checked at batch 2
     report = fused.fxfuse_report
-    assert report.capture == "submodules" and "export not used: it captured static shapes" in \
+    assert report.capture == "submodules" and "export not used [batch_pinned]: it captured static shapes" in \
         report.capture_reason, report.capture_reason
+    assert {c.capture: (c.kept, c.code) for c in report.captures} == {
+        "symbolic": (False, Reason.TRACE_FAILED), "export": (False, Reason.BATCH_PINNED), "submodules": (True, None)}
     assert dict(report.fused) == {"conv_bn": 1}
     pinned = fxfuse.reparametrize(model, x, capture="export")
     assert "static shapes" in pinned.fxfuse_report.capture_reason

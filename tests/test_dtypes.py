@@ -109,7 +109,9 @@ def check_low_precision(model: nn.Module, x: Tensor, dtype: torch.dtype, expecte
         y64_orig = copy.deepcopy(low).double()(x.double())
     assert y_fused.dtype == y_low.dtype == dtype
     assert_close_f64(y64_orig, y64_fused, rtol=2 * eps)  # measured <= 0.45 eps
-    assert_close_f64(y_low, y_fused, rtol=4 * eps)  # measured <= 0.9 eps (activations are rounded too)
+    # Activations are rounded too, and the conv kernels accumulate in an order that depends on the machine: measured
+    # <= 0.9 eps on one 2-core Xeon, 4.4 eps on another (float32, 2026-12-03; the same on the v0.2 code).
+    assert_close_f64(y_low, y_fused, rtol=8 * eps)
     assert fused.fxfuse_report.artifact_check.startswith(f"ran in {str(dtype).replace('torch.', '')}")
 
 

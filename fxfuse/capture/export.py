@@ -19,7 +19,6 @@ convention (pytree in/out specs). The batch dimension is dynamic by default.
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 import warnings
@@ -31,7 +30,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
-from ..rewrite.context import erase_if_dead
+from ..ir.graphs import erase_if_dead, fresh_copy
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
            "dynamic_shapes_of", "to_exported_program", "failure_text"]
@@ -119,17 +118,6 @@ def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             erase_if_dead(node, modules)
     gm.recompile()
     return gm
-
-
-def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters and sub-modules (rewrites add
-    new modules and never mutate existing tensors, so each rewrite attempt starts from the captured graph)."""
-    graph = fx.Graph()
-    copied: Any = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    value, out_node = copied
-    graph.output(value, type_expr=out_node.type)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    return fx.GraphModule(gm, graph, "ExportedGraph")
 
 
 def capture(module: nn.Module, args: Tuple[Any, ...], dynamic_shapes: Any = None,

@@ -5,17 +5,24 @@ aliases, forward hooks — and weights generated in forward (masks × scale, ``w
 convolving two kernels). ``CORPUS`` maps a name to (factory, example input shape, the hand-written deploy form's
 (convs, BatchNorms, Linears) executed): the structure ``fxfuse.reparametrize`` must reach
 (tests/test_capture_export.py; per-capture counts: ``python -m benchmarks.capture_corpus``, docs/benchmarks.md).
+
+``DTYPE_CORPUS`` (same convention) holds networks whose forward derives a dtype from its input or its weights —
+``torch.arange(n, dtype=x.dtype)`` grids cached per shape, DETR's sine position embedding, the AMP cast
+``x.to(self.stem.conv.weight.dtype)``, ``torch.full`` / ``new_tensor`` / ``new_ones`` / ``zeros_like``, a float32
+buffer brought in with ``type_as``, ``torch.finfo(x.dtype)`` — around RepVGG blocks that must still collapse, in
+whatever dtype the model is run (tests/test_dtype_corpus.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CORPUS", "make", "conv_bn", "DBBNet", "ReshapeNet"]
+__all__ = ["CORPUS", "DTYPE_CORPUS", "make", "conv_bn", "DBBNet", "ReshapeNet"]
 
 
 def conv_bn(cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1) -> nn.Sequential:
@@ -417,6 +424,195 @@ class TokenMLP(nn.Module):
         return self.out(F.gelu(y))
 
 
+# ================================================================ the dtype corpus (DTYPE_CORPUS below)
+# Each forward derives a dtype from its input or its weights at run time. A capture made in one dtype freezes it
+# (torch.export records ``dtype=torch.float64`` as a constant); the result must still run in the model's dtype.
+class RepVGGBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv-BN + 1x1 conv-BN (+ a BN identity branch where the shapes allow),
+    summed, then ReLU. Deploy form: one 3x3 conv with bias + ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.rbr_identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.rbr_dense = conv_bn(cin, cout, 3, stride, 1)
+        self.rbr_1x1 = conv_bn(cin, cout, 1, stride, 0)
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
+        return self.nonlinearity(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)
+
+
+# ------------------------------------------- a. anchor-free grid in the feature's dtype, cached per shape
+class PointHead(nn.Module):
+    """Anchor-free box head (YOLOX / FCOS decoding): conv → BN → ReLU → 1x1 regression, decoded as
+    ``(reg + grid) * stride`` with the grid of cell indices built in the feature's dtype on the feature's device
+    and cached per feature-map size (``self._cache[(h, w)]``, reused while the size matches)."""
+
+    def __init__(self, c: int, stride: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.reg = nn.Conv2d(c, 2, 1)
+        self.stride = stride
+        self._cache: Dict[Tuple[int, int], Tensor] = {}
+
+    def grid(self, feat: Tensor) -> Tensor:
+        h, w = feat.shape[-2:]
+        key = (int(h), int(w))
+        if key not in self._cache:
+            ys = torch.arange(h, dtype=feat.dtype, device=feat.device)
+            xs = torch.arange(w, dtype=feat.dtype, device=feat.device)
+            yv, xv = torch.meshgrid(ys, xs, indexing="ij")
+            self._cache[key] = torch.stack((xv, yv), 0).unsqueeze(0)
+        return self._cache[key]
+
+    def forward(self, feat: Tensor) -> Tensor:
+        t = F.relu(self.bn(self.conv(feat)))
+        return (self.reg(t) + self.grid(feat)) * self.stride
+
+
+class GridHeadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 2, 1)
+        self.blocks = nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 8))
+        self.head = PointHead(8, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(F.relu(self.stem(x))))
+
+
+# ----------------------------------------------------------------- b. DETR's sine position embedding
+class PositionEmbeddingSine(nn.Module):
+    """DETR's sine embedding of (y, x) positions, normalized to [0, 2π], in the feature's dtype: the mask, its
+    cumulative sums and ``dim_t = T ** (2 * (i // 2) / d)`` are all built with ``dtype=x.dtype``."""
+
+    def __init__(self, num_pos_feats: int, temperature: float = 10000.0) -> None:
+        super().__init__()
+        self.num_pos_feats, self.temperature = num_pos_feats, temperature
+        self.scale = 2 * math.pi
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        mask = torch.zeros((b, h, w), dtype=x.dtype, device=x.device)  # no padded pixels
+        not_mask = 1 - mask
+        y_embed = not_mask.cumsum(1)
+        x_embed = not_mask.cumsum(2)
+        eps = 1e-6
+        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        dim_t = torch.arange(self.num_pos_feats, dtype=x.dtype, device=x.device)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        pos_x = x_embed[:, :, :, None] / dim_t
+        pos_y = y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class SinePositionNet(nn.Module):
+    """Backbone (stem + 2 RepVGG blocks), DETR's 1x1 ``input_proj`` (here conv-BN), plus the position embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 1, 1)
+        self.body = nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 8))
+        self.input_proj = conv_bn(8, 8, 1)
+        self.position_embedding = PositionEmbeddingSine(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feat = self.body(F.relu(self.stem(x)))
+        return self.input_proj(feat) + self.position_embedding(feat)
+
+
+# --------------------------------------------------- c. the AMP idiom: input cast to the weights' dtype
+class CastToWeightNet(nn.Module):
+    """``x = x.to(self.stem.conv.weight.dtype)`` first (half-precision deployment code): a no-op for an input
+    already in the model's dtype, but the dtype is read from a weight at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 1, 1)
+        self.stages = nn.Sequential(RepVGGBlock(8, 16, stride=2), RepVGGBlock(16, 16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.stem.conv.weight.dtype)
+        x = self.stages(F.relu(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------- d. constants made in forward: full, new_tensor, new_ones, zeros_like
+class ForwardConstantsNet(nn.Module):
+    """A fixed per-channel affine between two RepVGG blocks, built in forward from the feature: a per-image shift
+    ``torch.full((batch, c, 1, 1), ..., dtype=y.dtype)`` (batch-sized, so no capture can fold it into a constant),
+    gains ``y.new_tensor([...])``, an offset ``torch.zeros_like(y) + y.new_ones(...) * 0.5``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 1, 1)
+        self.block1, self.block2 = RepVGGBlock(8, 8), RepVGGBlock(8, 8)
+        self.gains = (0.5, 1.0, 1.5, 2.0, 0.75, 1.25, 0.25, 1.75)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block1(F.relu(self.stem(x)))
+        c = y.shape[1]
+        shift = torch.full((y.shape[0], c, 1, 1), 0.25, dtype=y.dtype, device=y.device)
+        gain = y.new_tensor(self.gains).view(1, -1, 1, 1)
+        offset = torch.zeros_like(y) + y.new_ones(1, c, 1, 1) * 0.5
+        y = (y - shift) * gain + offset
+        return self.block2(y)
+
+
+# -------------------------------------------------------- e. a float32 buffer brought in with type_as
+class TypeAsBufferNet(nn.Module):
+    """Per-channel scales stored as float32 buffers (LayerScale-like, not trained) and brought to the feature's
+    dtype with ``type_as`` after each block (``.to(bfloat16)`` of the model casts them too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 2, 1)
+        self.block1, self.block2 = RepVGGBlock(8, 8), RepVGGBlock(8, 8)
+        self.register_buffer("scale1", torch.linspace(0.5, 1.5, 8))
+        self.register_buffer("scale2", torch.tensor([1.0, 0.5, 2.0, 0.25, 1.5, 0.75, 1.25, 3.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.stem(x))
+        x = self.block1(x) * self.scale1.type_as(x).view(1, -1, 1, 1)
+        return self.block2(x) * self.scale2.type_as(x).view(1, -1, 1, 1)
+
+
+# ------------------------------------------------ f. FCOS head: learnable Scale, torch.finfo(x.dtype) fill
+class Scale(nn.Module):
+    """FCOS's per-level learnable scalar."""
+
+    def __init__(self, init_value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([init_value]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class FCOSHeadNet(nn.Module):
+    """FCOS-style: stem + RepVGG tower, class logits with padded pixels (all input channels 0) filled with
+    ``torch.finfo(logits.dtype).min``, box regression ``relu(Scale(bbox_pred(t)))``; two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 1, 1)
+        self.tower = nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 8))
+        self.cls_logits = nn.Conv2d(8, 3, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(8, 4, 3, padding=1)
+        self.scale = Scale(1.5)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        t = self.tower(F.relu(self.stem(x)))
+        padded = (x == 0).all(1, keepdim=True)
+        logits = self.cls_logits(t).masked_fill(padded, torch.finfo(t.dtype).min)
+        return logits, F.relu(self.scale(self.bbox_pred(t)))
+
+
 # ------------------------------------------------------------------------------------------ the table
 # name -> (factory, example input shape, deploy form's (convs, batch_norms, linears)).
 CORPUS = {
@@ -445,12 +641,29 @@ CORPUS = {
     # Linear -> view -> BatchNorm1d -> view back -> 1 Linear, + the output Linear.
     "token_mlp_bn1d": (TokenMLP, (2, 5, 6), (0, 0, 2)),
 }
+# Forward-time dtype derivations around RepVGG blocks; same convention. Every block -> one conv, every BN folded.
+DTYPE_CORPUS = {
+    # stem conv-BN + 2 RepVGG blocks + head (conv-BN, 1x1 regression) -> 5 convs; the cached grid is an add.
+    "grid_cache_arange": (GridHeadNet, (2, 3, 12, 12), (5, 0, 0)),
+    # stem conv-BN + 2 RepVGG blocks + input_proj conv-BN -> 4 convs; the sine embedding is elementwise.
+    "detr_sine_position": (SinePositionNet, (2, 3, 8, 8), (4, 0, 0)),
+    # stem conv-BN + 2 RepVGG blocks (the first strided, no identity) -> 3 convs; the Linear head stays.
+    "amp_cast_to_weight": (CastToWeightNet, (2, 3, 10, 10), (3, 0, 1)),
+    # stem conv-BN + 2 RepVGG blocks -> 3 convs; the forward-built affine between them stays elementwise.
+    "forward_constants": (ForwardConstantsNet, (2, 3, 8, 8), (3, 0, 0)),
+    # stem conv-BN + 2 RepVGG blocks -> 3 convs; the buffer scales stay elementwise.
+    "type_as_buffer": (TypeAsBufferNet, (2, 3, 12, 12), (3, 0, 0)),
+    # stem conv-BN + 2 RepVGG blocks + cls and bbox convs -> 5 convs.
+    "fcos_scale_finfo": (FCOSHeadNet, (2, 3, 8, 8), (5, 0, 0)),
+}
 # Built with a fixed seed: the factories draw random weights.
 SEED = 0
 
 
 def make(name: str) -> Tuple[nn.Module, Tensor]:
-    factory, shape, _ = CORPUS[name]
+    """``(model, example input)`` for a name of :data:`CORPUS` or :data:`DTYPE_CORPUS`, built with a fixed seed
+    (float32; the caller casts both to another dtype)."""
+    factory, shape, _ = CORPUS[name] if name in CORPUS else DTYPE_CORPUS[name]
     torch.manual_seed(SEED)
     model = factory()
     return model, torch.randn(shape, generator=torch.Generator().manual_seed(SEED + 1))

@@ -13,23 +13,9 @@ from torch import Tensor, fx, nn
 
 from ..ir import ops
 from ..ir.algebra import ConvSpec
+from ..ir.graphs import erase_if_dead, is_erased
 from ..ir.read import Reader, shape_of
 from ..report import Unfused, WeightGrowth
-
-
-def erase_if_dead(node: fx.Node, modules: Mapping[str, nn.Module]) -> None:
-    """Erase ``node`` (and, recursively, inputs that become dead) when it has no users and is pure."""
-    if is_erased(node) or node.users or not ops.is_pure(node, modules):
-        return
-    inputs = list(node.all_input_nodes)
-    node.graph.erase_node(node)
-    for inp in inputs:
-        erase_if_dead(inp, modules)
-
-
-def is_erased(node: fx.Node) -> bool:
-    """Whether ``node`` was removed from its graph (rules iterate over a snapshot of the node list)."""
-    return bool(getattr(node, "_erased", False))
 
 
 class RewriteContext:

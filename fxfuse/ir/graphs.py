@@ -1,0 +1,132 @@
+"""Whole-graph utilities below the rewrite layer: copies of a ``GraphModule`` — a fresh graph over shared state
+(one per rewrite attempt), a standalone copy holding only what its graph reads with tensors swapped through a memo
+(the float64 lens, the returned artifact) — and erasure of dead pure nodes (used by the rewrite context and by the
+export capture's clean-up)."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any, Dict, Optional
+
+from torch import fx, nn
+from torch.utils._pytree import tree_unflatten
+
+from . import ops
+
+
+def graph_copy(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of ``gm``'s graph (nodes, their metadata by reference, the calling convention)."""
+    graph = fx.Graph()
+    copied: Any = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    value, out_node = copied
+    graph.output(value, type_expr=out_node.type)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    return graph
+
+
+def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` over a copy of ``gm``'s graph, sharing its parameters and sub-modules (rewrites add new
+    modules and never mutate existing tensors, so each rewrite attempt starts from the captured graph)."""
+    return fx.GraphModule(gm, graph_copy(gm), type(gm).__name__ if type(gm) is not fx.GraphModule else "GraphModule")
+
+
+def is_erased(node: fx.Node) -> bool:
+    """Whether ``node`` was removed from its graph (rules iterate over a snapshot of the node list)."""
+    return bool(getattr(node, "_erased", False))
+
+
+def erase_if_dead(node: fx.Node, modules: Any) -> None:
+    """Erase ``node`` (and, recursively, inputs that become dead) when it has no users and is pure."""
+    if is_erased(node) or node.users or not ops.is_pure(node, modules):
+        return
+    inputs = list(node.all_input_nodes)
+    node.graph.erase_node(node)
+    for inp in inputs:
+        erase_if_dead(inp, modules)
+
+
+def fetch(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for target ``"a.b.c"``."""
+    return operator.attrgetter(target)(root)
+
+
+def standalone_copy(gm: fx.GraphModule, memo: Optional[Dict[int, Any]] = None, *, flat: bool = False,
+                    class_name: str = "GraphModule") -> fx.GraphModule:
+    """A ``GraphModule`` that owns deep copies of exactly what ``gm``'s graph reads (``get_attr`` tensors and
+    ``call_module`` modules; ``memo`` maps ``id`` of a tensor to the object to use instead, so a copy can change
+    dtypes). Nothing the graph does not read comes along: no dead buffer, no orphan sub-module.
+
+    ``flat=True`` re-homes every target at the root under one name (``stages.0.conv.weight`` →
+    ``stages_0_conv_weight``), so the generated code fetches each tensor and module with one attribute lookup."""
+    memo = {} if memo is None else memo
+    graph = graph_copy(gm)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    owned: Dict[str, Any] = {}
+    names: Dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        if target not in names:
+            name = _flat_name(target, owned) if flat else target
+            names[target] = name
+            owned[name] = copy.deepcopy(fetch(gm, target), memo)
+        node.target = names[target]
+    out = fx.GraphModule(owned, graph, class_name)
+    for key in ("_user_preserved_attributes",):
+        if key in gm.meta:
+            out.meta[key] = dict(gm.meta[key])
+    return out
+
+
+def _flat_name(target: str, taken: Dict[str, Any]) -> str:
+    base = target.replace(".", "_")
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+_PLAIN_CONTAINERS = (tuple, list, dict)
+
+
+def _plain_spec(spec: Any) -> bool:
+    """A pytree spec built only of tuples, lists, plain dicts and leaves (what fx's own codegen can return)."""
+    if spec.is_leaf():
+        return True
+    return spec.type in _PLAIN_CONTAINERS and all(_plain_spec(c) for c in spec.children())
+
+
+def plain_calling_convention(gm: fx.GraphModule) -> bool:
+    """Replace an exported graph's pytree calling convention (``tree_flatten_spec`` of the inputs, ``tree_unflatten``
+    of the outputs on every call) by fx's plain one where it means the same: positional tensor inputs, outputs
+    built of tuples / lists / dicts. Returns whether it did; call ``gm.recompile()`` afterwards."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or info.out_spec is None:
+        return False
+    in_spec, out_spec = info.in_spec, info.out_spec
+    if in_spec.type is not tuple or len(in_spec.children()) != 2:
+        return False
+    args_spec, kwargs_spec = in_spec.children()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if args_spec.type is not tuple or not all(c.is_leaf() for c in args_spec.children()) \
+            or kwargs_spec.num_leaves != 0 or len(placeholders) != args_spec.num_leaves or not _plain_spec(out_spec):
+        return False
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat = output.args[0]
+    if not isinstance(flat, (list, tuple)) or len(flat) != out_spec.num_leaves:
+        return False
+    output.args = (tree_unflatten(list(flat), out_spec),)
+    gm.graph._codegen = fx.graph.CodeGen()
+    return True
+
+
+def eager_spellings(gm: fx.GraphModule) -> None:
+    """Call each ATen overload of :data:`fxfuse.ir.ops.EAGER_SPELLING` through its public binding."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops.EAGER_SPELLING:
+            node.target = ops.EAGER_SPELLING[node.target]

@@ -1,0 +1,163 @@
+"""What ``reparametrize`` returns is a deploy artifact under every capture (docs/dtypes.md, "A lean artifact"):
+it holds what its forward reads and nothing else — the state of the hand-written plain twin, no dead ``get_attr``,
+no buffers of folded layers, no orphan sub-module — its generated code fetches each tensor / module with one
+attribute lookup, and an exported graph calls public bindings through fx's plain calling convention. Also here:
+``capture="auto"`` is never worse than its best single capture on random nets, and a rewrite whose returned model
+drifts between calls is rolled back with its reason code."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch import fx, nn
+
+import fxfuse
+from fxfuse import Reason, RewriteContext
+from fxfuse.models import build, default_input_shape, plain_twin, randomize_batchnorm_
+from fxfuse.ir.ops import function_kind
+from fxfuse.testing import assert_close_f64, op_counts
+from fxfuse.tools.executed_ops import run_counting
+
+NETS = ["repvgg-tiny", "dbb", "mobileone", "acnet"]
+
+
+def graph_modules(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, fx.GraphModule)]
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("name", NETS)
+def test_returned_state_is_the_plain_twins(name: str, capture: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(build(name), 0).eval()
+    x = torch.randn((2, *default_input_shape(name)[1:]), generator=torch.Generator().manual_seed(1))
+    fused = fxfuse.reparametrize(model, x, capture=capture)
+    twin = plain_twin(model)
+    assert fused.fxfuse_report.capture == capture
+    got, want = fused.state_dict(), twin.state_dict()
+    assert len(got) == len(want), (sorted(got), sorted(want))
+    nbytes = sum(t.numel() * t.element_size() for t in got.values())
+    twin_bytes = sum(t.numel() * t.element_size() for t in want.values())
+    assert abs(nbytes - twin_bytes) <= 0.01 * twin_bytes
+    assert not any("num_batches_tracked" in k or "running_" in k for k in got)
+    gm = fused
+    assert isinstance(gm, fx.GraphModule)
+    read = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    assert all("." not in t for t in read), read  # one lookup per tensor / module
+    assert all(n.users for n in gm.graph.nodes if n.op == "get_attr")  # no dead fetch
+    assert set(dict(gm.named_children())) == {t for t in read if isinstance(getattr(gm, t), nn.Module)}
+    code = gm.code
+    assert "torch.ops.aten" not in code and "tree_flatten_spec" not in code, code
+    # The input guard of an exported program stays: it refuses shapes the program was specialized to.
+    assert ("_guards_fn" in code) == (capture == "export")
+    with torch.no_grad():
+        assert_close_f64(model(x), fused(x), rtol=1e-5)
+        x3 = torch.randn((3, *default_input_shape(name)[1:]))
+        assert_close_f64(model(x3), fused(x3), rtol=1e-5)  # the batch dim stays free
+    assert op_counts(fused)["batch_norm"] == 0
+
+
+def test_exported_program_round_trip_keeps_its_signature() -> None:
+    """An ExportedProgram in, one out: the lean module is exported again with the program's signature."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(build("repvgg-tiny"), 0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    out = fxfuse.reparametrize(ep)
+    assert isinstance(out, torch.export.ExportedProgram)
+    with torch.no_grad():
+        assert_close_f64(model(x[:1]), out.module()(x[:1]), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ auto never worse than a single capture
+def _random_nets():  # the fuzzer's strategy, imported lazily (tests/test_fuzz.py builds it at import)
+    from test_fuzz import random_nets
+
+    return random_nets(max_blocks=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _executed(model: nn.Module, x: torch.Tensor) -> int:
+    """Convs + BatchNorms + pools one call executes, counted as they run (whatever the capture)."""
+    kinds = ("conv", "batch_norm", "avg_pool")
+    _, counts = run_counting(model, x, key=lambda f: function_kind(f) if function_kind(f) in kinds else None)
+    return sum(counts.values())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_random_nets())
+def test_auto_is_never_worse_than_a_single_capture(case) -> None:
+    results = {}
+    for capture in ("auto", "symbolic", "export"):
+        try:
+            results[capture] = fxfuse.reparametrize(copy.deepcopy(case.net), case.input, capture=capture)
+        except fxfuse.FusionError:
+            results[capture] = None
+    auto = results["auto"]
+    singles = [m for c, m in results.items() if c != "auto" and m is not None]
+    assert auto is not None or not singles  # auto raises only when no capture gives a verified model
+    if auto is None:
+        return
+    best = min(_executed(m, case.input) for m in singles)
+    assert _executed(auto, case.input) <= best, auto.fxfuse_report
+    kept = [c for c in auto.fxfuse_report.captures if c.kept]
+    assert len(kept) == 1 and kept[0].capture == auto.fxfuse_report.capture
+    assert all(c.code is not None for c in auto.fxfuse_report.captures if not c.kept)
+
+
+# ---------------------------------------------------------------------- a drifting result is rolled back
+DRIFT = "test_writes_its_weight"
+
+
+@pytest.fixture
+def drifting_rule() -> Iterator[str]:
+    """A user rule with a bug no float64 check on one call can see: it folds conv → BN correctly, then makes the
+    result add 0 · input into the fused weight *in place* — harmless on the first call, but the weight is written
+    on every call and a second call differs (1e-3 added each time)."""
+
+    @fxfuse.register_rule(DRIFT, enabled=False, before="conv_bn")
+    def writes_weight(ctx: RewriteContext, node: fx.Node):
+        if node.op != "call_module" or not isinstance(ctx.read.modules.get(str(node.target)), nn.Conv2d):
+            return None
+        holder_name = f"{node.target}".replace(".", "_") + "_drift"
+        if hasattr(ctx.gm, holder_name):
+            return None
+
+        def rewrite() -> None:
+            ctx.gm.register_buffer(holder_name, torch.zeros(()))
+            with ctx.graph.inserting_before(node):
+                attr = ctx.graph.get_attr(holder_name)
+                ctx.graph.call_method("add_", (attr, 1e-3))
+            with ctx.graph.inserting_after(node):
+                out = ctx.graph.call_function(torch.add, (node, attr))
+            node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+
+        return rewrite
+
+    yield DRIFT
+    fxfuse.unregister_rule(DRIFT)
+
+
+def test_a_rewrite_that_drifts_between_calls_is_rolled_back(drifting_rule: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = fxfuse.reparametrize(model, x, enable=[drifting_rule], atol=1e-2)  # atol: the first call passes
+    report = fused.fxfuse_report
+    assert [(r.key.split(":")[0], r.code) for r in report.rollbacks] == [(drifting_rule, Reason.ARTIFACT_DRIFT)]
+    assert report.fused.get("conv_bn") == 1
+    with torch.no_grad():
+        first, second = fused(x), fused(x)
+    assert torch.equal(first, second)
+    assert_close_f64(model(x), first, rtol=1e-5)
