@@ -2,6 +2,7 @@
 
     fused = fxfuse.reparametrize(model, example_input)   # GraphModule, eval mode, verified equal
     print(fused.fxfuse_report)
+    training_bns = [u for u in fused.fxfuse_report.unfused if u.code is fxfuse.Reason.BATCH_STATISTICS]
 
 Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxfuse.ir`, property tests with
 :mod:`fxfuse.testing` (docs/extending.md).
@@ -9,6 +10,7 @@ Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxf
 
 from .api import compile, reparametrize, reparametrize_exported
 from .errors import FusionError
+from .reasons import Reason
 from .report import FusionReport, GraphStats, Unfused
 from .rewrite import Rule, RewriteContext, register_rule, registered_rules, unregister_rule
 from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
@@ -24,6 +26,7 @@ __all__ = [
     "FusionReport",
     "GraphStats",
     "Unfused",
+    "Reason",
     "register_rule",
     "unregister_rule",
     "registered_rules",
