@@ -2,6 +2,7 @@
 
     fused = fxfuse.reparametrize(model, example_input)   # GraphModule, eval mode, verified equal
     print(fused.fxfuse_report)
+    training_bns = [u for u in fused.fxfuse_report.unfused if u.code is fxfuse.Reason.BATCH_STATISTICS]
 
 Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxfuse.ir`, property tests with
 :mod:`fxfuse.testing` (docs/extending.md).

@@ -248,7 +248,7 @@ def _export_may_improve(module: nn.Module, report: FusionReport) -> bool:
     stay in any capture, so they do not cost an export."""
     if not isinstance(module, fx.GraphModule):
         return True
-    if any(getattr(u, "code", None) is Reason.NOT_CONSTANT or "non-constant" in u.reason for u in report.unfused):
+    if any(u.code is Reason.NOT_CONSTANT for u in report.unfused):
         return True
     if report.after.batch_norms == 0 and not report.unfused:
         return False

@@ -23,7 +23,8 @@ class Reason(str, Enum):
     POOL_NOT_LINEAR = "pool_not_linear"  # an avg-pool that is not a conv (count_include_pad=False, ceil_mode, …)
     OTHER_USERS = "other_users"  # an intermediate the fold would remove is used (or its shape read) elsewhere
     AXIS = "axis"  # an affine that is not along the channel / feature axis of its neighbour
-    TAP_GRID = "tap_grid"  # branches whose kernels do not sit on one tap grid (stride, dilation, offsets)
+    TAP_GRID = "tap_grid"  # kernels that do not sit on one tap grid (branches' stride / offsets; a chain's stride or
+    # dilation; a crop that is not a multiple of the dilation)
     MORE_WORK = "more_work"  # merging would execute more arithmetic than leaving the ops apart
     ALIASING = "aliasing"  # an in-place write on a tensor that is read again or may alias another
     NOT_LINEAR = "not_linear"  # the op next to the candidate is not a linear map the fold can compose with

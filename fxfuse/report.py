@@ -20,7 +20,8 @@ class Unfused:
     rule: str
     node: str
     target: str
-    reason: str
+    code: Reason  # stable: branch on this, never on ``reason``
+    reason: str  # the same in a sentence, for people (may be reworded at any release)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class FusionReport:
     def merge(self, prefix: str, other: FusionReport) -> None:
         """Fold a sub-module's report into this one (fallback mode)."""
         self.fused.update(other.fused)
-        self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.reason) for u in other.unfused)
+        self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.code, u.reason) for u in other.unfused)
         self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
         self.rollbacks.extend(Rollback(f"{prefix}.{r.key}", r.code, r.detail) for r in other.rollbacks)
         self.applied.extend(f"{prefix}.{a}" for a in other.applied)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Set, Tuple
 
 import pytest
 import torch
 import torchvision
 from torch import fx, nn
 
-from fxfuse import GraphStats, RewriteContext
+from fxfuse import GraphStats, Reason, RewriteContext
 from fxfuse.ir import ops
 from fxfuse.models import randomize_batchnorm_
 from fxfuse.testing import assert_reparametrizes
@@ -88,14 +88,23 @@ def reasons(gm: nn.Module) -> str:
     return " | ".join(u.reason for u in gm.fxfuse_report.unfused)
 
 
-def assert_skipped(gm: nn.Module, rule: str, *fragments: str) -> None:
-    """A negative outcome: ``rule`` did not fire, reported a skip whose reason contains every fragment, and no
-    rewrite was rolled back (a wrong rewrite undone by verification is a failure, not a skip)."""
+def codes(gm: nn.Module) -> Set[Reason]:
+    """The reason codes of every candidate left unfused."""
+    return {u.code for u in gm.fxfuse_report.unfused}
+
+
+def assert_skipped(gm: nn.Module, rule: str, code: Reason, *fragments: str) -> None:
+    """A negative outcome: ``rule`` did not fire, reported a skip with reason code ``code`` whose sentence contains
+    every fragment, and no rewrite was rolled back (a wrong rewrite undone by verification is a failure, not a
+    skip). The code is what callers branch on; the fragments check that the sentence names the right thing."""
+    assert isinstance(code, Reason), f"assert_skipped(gm, rule, code, *fragments): {code!r} is not a Reason"
     report = gm.fxfuse_report
     assert not report.rolled_back, f"verification rolled back {report.rolled_back}:\n{report}"
     assert report.fused.get(rule, 0) == 0, f"{rule} fired:\n{report}"
-    hits = [u for u in report.unfused if u.rule == rule and all(f in u.reason for f in fragments)]
-    assert hits, f"expected a {rule} skip mentioning {fragments}:\n{report}"
+    said = [u for u in report.unfused if u.rule == rule and all(f in u.reason for f in fragments)]
+    assert said, f"expected a {rule} skip mentioning {fragments}:\n{report}"
+    assert any(u.code is code for u in said), \
+        f"expected the {rule} skip mentioning {fragments} to have code {code!r}, got {[u.code for u in said]}"
 
 
 def assert_not_fired(gm: nn.Module, rule: str) -> None:
@@ -132,7 +141,7 @@ def assert_wrong_rewrite_caught(monkeypatch: pytest.MonkeyPatch, rule: str, mode
     report = fused.fxfuse_report
     assert report.rolled_back and all(k.startswith(f"{rule}:") for k in report.rolled_back), report
     assert report.fused.get(rule, 0) == 0, report
-    said = {u.node for u in report.unfused if u.rule == rule and "rolled back" in u.reason}
+    said = {u.node for u in report.unfused if u.rule == rule and u.code is Reason.ROLLED_BACK}
     assert {k.split(":", 1)[1] for k in report.rolled_back} <= said, report
     with pytest.raises(AssertionError, match="rolled back"):
         fuse_and_check(model, x, **kwargs)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fxfuse import Reason
 from fxfuse.models import build, randomize_batchnorm_
 from fxfuse.tools import cli
 from fxfuse.verify import compare
@@ -267,9 +268,14 @@ def test_explain_json_and_unfused_reasons():
     assert rep["fused"] == {} and rep["after"]["batch_norms"] == 1 and rep["after"]["convs"] == 1
     assert rep["unfused"], "the refused conv-BN fold must be reported with a reason"
     assert all(u["reason"] for u in rep["unfused"])
+    # the stable code travels in the JSON as its plain string value
+    assert {(u["rule"], u["code"]) for u in rep["unfused"]} >= {("conv_bn", Reason.OTHER_USERS.value)}
+    assert all(u["code"] in {r.value for r in Reason} for u in rep["unfused"])
     assert rep["params"]["before"] == rep["params"]["after"]
     code, out, err = _run(["explain", "fxfuse_cli_test_specs:SharedConv", "--input-shape", "1,3,8,8"])
     assert code == 0 and "left unfused (" in out and "(none)" in out  # no fused patterns
+    line = next(line for line in out.splitlines() if line.strip().startswith("[conv_bn]"))
+    assert line.split(": ", 1)[0].split()[-1] == "other_users", line  # [rule] node (target) code: sentence
 
 
 def test_explain_graph_flag():

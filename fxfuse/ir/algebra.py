@@ -7,6 +7,9 @@ Two value types carry the algebra between graph readers (``_graph``) and the fol
   expressible as one.
 * :class:`ChannelAffine` — ``y = scale * x + shift`` along one channel axis (eval BatchNorm, ``x * c + d``).
 
+When a fold would not be exact, readers and the ``why_not_*`` conditions say so with a :class:`Refusal` (a stable
+:class:`fxfuse.reasons.Reason` code and a sentence).
+
 Tensors inside are float64 while the pass computes; the graph surgery casts them back.
 """
 
@@ -18,7 +21,18 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..reasons import Reason
+
 IntTuple = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The node is a candidate, but a fold through it would not be exact: ``code`` says which exactness condition
+    fails (stable, for code to branch on), ``reason`` says it in a sentence (for people; may be reworded)."""
+
+    code: Reason
+    reason: str
 
 
 @dataclass(frozen=True)

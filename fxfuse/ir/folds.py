@@ -1,7 +1,8 @@
 """Fold math: small pure tensor functions on :class:`ConvSpec` / :class:`ChannelAffine`.
 
 No graph code lives here. Every function assumes its exactness condition holds; the ``why_not_*``
-functions state those conditions and return a reason string when one fails (``None`` when exact).
+functions state those conditions and return a :class:`Refusal` (code and sentence) when one fails (``None``
+when exact).
 All arithmetic is done in the dtype of the inputs (the pass feeds float64).
 """
 
@@ -14,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .algebra import ChannelAffine, ConvSpec
+from ..reasons import Reason
+from .algebra import ChannelAffine, ConvSpec, Refusal
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -91,16 +93,17 @@ def affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
     return spec.with_(weight=new_w, bias=new_b)
 
 
-def why_not_affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> Optional[str]:
+def why_not_affine_then_conv(affine: ChannelAffine, spec: ConvSpec) -> Optional[Refusal]:
     """A per-channel affine before a conv folds exactly if the conv reads no zero padding, or if the shift is 0
     (zero padding of ``a·x`` equals ``a·`` zero padding of ``x``). A reflect / replicate / circular
     ``padding_mode`` copies values within a channel, so it commutes with the affine: exact for any shift."""
     if spec.transposed:
-        return "affine before a transposed conv is not folded (border outputs miss taps)"
+        return Refusal(Reason.NOT_LINEAR, "affine before a transposed conv is not folded (border outputs miss taps)")
     if spec.padding_mode != "zeros":
         return None
     if any(spec.padding) and bool((affine.shift != 0).any()):
-        return "conv has zero padding but the affine before it has a nonzero shift (borders would change)"
+        return Refusal(Reason.PADDING,
+                       "conv has zero padding but the affine before it has a nonzero shift (borders would change)")
     return None
 
 
@@ -160,21 +163,22 @@ def regroup(spec: ConvSpec, groups: int) -> ConvSpec:
 
 
 # ------------------------------------------------------------------------------ parallel branches
-def why_not_on_one_grid(specs: Sequence[ConvSpec]) -> Optional[str]:
+def why_not_on_one_grid(specs: Sequence[ConvSpec]) -> Optional[Refusal]:
     """Branches reading one input can share a kernel iff they have equal stride and equal window centre
     (``2·(-p) + d·(k-1)`` per axis, which makes output sizes equal for every input size), zero padding,
     and are not transposed (docs/patterns.md, `branch_sum`)."""
     first = specs[0]
     for s in specs:
         if s.transposed:
-            return "transposed conv branch"
+            return Refusal(Reason.NOT_LINEAR, "transposed conv branch")
         if s.padding_mode != "zeros":
-            return f"padding_mode={s.padding_mode!r} branch"
+            return Refusal(Reason.PADDING, f"padding_mode={s.padding_mode!r} branch")
         if s.stride != first.stride:
-            return f"stride mismatch {first.stride} vs {s.stride}"
+            return Refusal(Reason.TAP_GRID, f"stride mismatch {first.stride} vs {s.stride}")
         if s.centre() != first.centre():
-            return (f"taps do not align: kernel {first.kernel_size}/padding {first.padding}/dilation "
-                    f"{first.dilation} vs kernel {s.kernel_size}/padding {s.padding}/dilation {s.dilation}")
+            return Refusal(Reason.TAP_GRID, f"taps do not align: kernel {first.kernel_size}/padding {first.padding}"
+                           f"/dilation {first.dilation} vs kernel {s.kernel_size}/padding {s.padding}/dilation "
+                           f"{s.dilation}")
     return None
 
 
@@ -209,17 +213,19 @@ def place_on_grid(spec: ConvSpec, padding: Sequence[int], dilation: Sequence[int
     return out
 
 
-def why_not_uncrop(spec: ConvSpec, cuts: Sequence[tuple[int, int]]) -> Optional[str]:
+def why_not_uncrop(spec: ConvSpec, cuts: Sequence[tuple[int, int]]) -> Optional[Refusal]:
     """A conv on ``x`` cropped by ``(a, b)`` per spatial axis equals a conv on ``x`` whose kernel is zero-extended
     by ``a`` taps before and ``b`` after, iff the conv reads no zero padding on a cropped axis (the crop border is
     real data, not zeros) and the cuts are multiples of the dilation."""
     if spec.transposed:
-        return "transposed conv after a crop"
+        return Refusal(Reason.NOT_LINEAR, "transposed conv after a crop")
     for axis, (a, b) in enumerate(cuts):
         if (a or b) and spec.padding[axis]:
-            return f"the conv zero-pads axis {axis + 2}, which the crop cut (the border would change)"
+            return Refusal(Reason.PADDING,
+                           f"the conv zero-pads axis {axis + 2}, which the crop cut (the border would change)")
         if a % spec.dilation[axis] or b % spec.dilation[axis]:
-            return f"crop {a, b} on axis {axis + 2} is not a multiple of the dilation {spec.dilation[axis]}"
+            return Refusal(Reason.TAP_GRID,
+                           f"crop {a, b} on axis {axis + 2} is not a multiple of the dilation {spec.dilation[axis]}")
     return None
 
 
@@ -258,26 +264,27 @@ def stack_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
 
 
 # ---------------------------------------------------------------------------------- sequential
-def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[str]:
+def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[Refusal]:
     """``second(first(x))`` is one conv when the first has stride 1 and dilation 1 and the second dilation 1, and
     either the second reads no zero padding (then any first kernel/padding is exact), or the first is a
     bias-free pointwise conv (zero padding of the intermediate = first(zero padding of x))
     (docs/patterns.md, `bn_conv`)."""
     if first.transposed or second.transposed:
-        return "transposed conv"
+        return Refusal(Reason.NOT_LINEAR, "transposed conv")
     if first.padding_mode != "zeros" or second.padding_mode != "zeros":
-        return "non-zero padding_mode"
+        return Refusal(Reason.PADDING, "non-zero padding_mode")
     if any(s != 1 for s in first.stride):
-        return f"first conv has stride {first.stride}"
+        return Refusal(Reason.TAP_GRID, f"first conv has stride {first.stride}")
     if any(d != 1 for d, k in zip(first.dilation, first.kernel_size) if k > 1):
-        return f"first conv has dilation {first.dilation}"
+        return Refusal(Reason.TAP_GRID, f"first conv has dilation {first.dilation}")
     if any(d != 1 for d, k in zip(second.dilation, second.kernel_size) if k > 1):
-        return f"second conv has dilation {second.dilation}"
+        return Refusal(Reason.TAP_GRID, f"second conv has dilation {second.dilation}")
     if any(second.padding):
         if not first.is_pointwise:
-            return "second conv zero-pads the output of a non-pointwise conv"
+            return Refusal(Reason.PADDING, "second conv zero-pads the output of a non-pointwise conv")
         if bool((first.bias != 0).any()):
-            return "second conv zero-pads an intermediate with a nonzero bias/shift (borders would change)"
+            return Refusal(Reason.PADDING,
+                           "second conv zero-pads an intermediate with a nonzero bias/shift (borders would change)")
     return None
 
 
@@ -307,18 +314,20 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
 PAD_VALUE_RTOL = 1e-12
 
 
-def why_not_pad_values_through(spec: ConvSpec, values: Tensor) -> Optional[str]:
+def why_not_pad_values_through(spec: ConvSpec, values: Tensor) -> Optional[Refusal]:
     """A zero pad of ``f(x)`` whose border is filled with per-channel ``v`` equals ``f(zero_pad(x))`` when ``f`` is
     pointwise (1x1 kernel, stride 1, no padding: a per-channel affine or a 1x1 conv) and ``f(0) = bias = v``
     (docs/patterns.md, `pad_values`). ``v`` is usually the BN shift recomputed by the model's own code in another
     order, so the two are compared up to float64 rounding (``PAD_VALUE_RTOL`` of ``max |v|``)."""
     if not spec.is_pointwise or spec.padding_mode != "zeros":
-        return "the padded tensor is not a pointwise (1x1, stride 1, unpadded) conv or per-channel affine"
+        return Refusal(Reason.NOT_LINEAR,
+                       "the padded tensor is not a pointwise (1x1, stride 1, unpadded) conv or per-channel affine")
     bias = spec.bias.to(torch.float64)
     v = values.to(bias.device, torch.float64)
     if bias.shape != v.shape:
-        return f"pad values have {v.numel()} channels, the padded tensor {bias.numel()}"
+        return Refusal(Reason.PADDING, f"pad values have {v.numel()} channels, the padded tensor {bias.numel()}")
     scale = max(float(v.abs().max()), float(bias.abs().max()), 1e-300)
     if float((bias - v).abs().max()) > PAD_VALUE_RTOL * scale:
-        return "pad values differ from the value the op before the pad takes at 0 (its bias / BN shift)"
+        return Refusal(Reason.PADDING,
+                       "pad values differ from the value the op before the pad takes at 0 (its bias / BN shift)")
     return None

@@ -17,16 +17,10 @@ from typing import Any, List, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, fx, nn
 
+from ..reasons import Reason
 from . import folds as K
 from . import ops
-from .algebra import ChannelAffine, ConvSpec, as_tuple, float64
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The node is a candidate, but a fold through it would not be exact."""
-
-    reason: str
+from .algebra import ChannelAffine, ConvSpec, Refusal, as_tuple, float64
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ class Reader:
         mod = self.module(node)
         if isinstance(mod, nn.modules.conv._ConvNd):
             if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
-                return Refusal("lazy conv not materialized")
+                return Refusal(Reason.NOT_MATERIALIZED, "lazy conv not materialized")
             if not node.args or not isinstance(node.args[0], fx.Node) or len(node.args) + len(node.kwargs) != 1:
                 return None
             transposed = isinstance(mod, ops.CONV_T_MODULES)
@@ -212,7 +206,7 @@ class Reader:
             ndim = ops.CONV_FUNCS[node.target]
             w, b, bias_ok = self._weight_and_bias(node)
             if w is None or not bias_ok or not isinstance(node.args[0], fx.Node):
-                return Refusal("functional conv with non-constant weight") if w is None else None
+                return Refusal(Reason.NOT_CONSTANT, "functional conv with non-constant weight") if w is None else None
             k = tuple(w.shape[2:])
             dil = as_tuple(arg(node, 5, "dilation", 1), ndim)
             padding = self._padding(arg(node, 4, "padding", 0), k, dil, ndim)
@@ -234,7 +228,7 @@ class Reader:
             w = self.constants.tensor(w_arg)
             b = None if b_arg is None else self.constants.tensor(b_arg)
             if w is None or (b_arg is not None and b is None) or not isinstance(inp, fx.Node):
-                return Refusal("functional conv with non-constant weight") if w is None else None
+                return Refusal(Reason.NOT_CONSTANT, "functional conv with non-constant weight") if w is None else None
             return self._conv_read(inp, w, b, stride, pads, dil, groups, "zeros", bool(transposed),
                                    out_pads if transposed else ())
         return None
@@ -253,10 +247,10 @@ class Reader:
         if padding == "same":
             total = [d * (k - 1) for d, k in zip(as_tuple(dilation, ndim), as_tuple(kernel, ndim))]
             if any(t % 2 for t in total):
-                return Refusal("padding='same' with an even receptive field pads asymmetrically")
+                return Refusal(Reason.PADDING, "padding='same' with an even receptive field pads asymmetrically")
             return tuple(t // 2 for t in total)
         if isinstance(padding, str):
-            return Refusal(f"padding={padding!r}")
+            return Refusal(Reason.PADDING, f"padding={padding!r}")
         return as_tuple(padding, ndim)
 
     def _conv_read(self, inp: fx.Node, weight: Tensor, bias: Optional[Tensor], stride: Any, padding: Any,
@@ -347,44 +341,47 @@ class Reader:
             if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
                 return None
             if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
-                return Refusal("lazy BatchNorm not materialized")
+                return Refusal(Reason.NOT_MATERIALIZED, "lazy BatchNorm not materialized")
             if mod.training:
-                return Refusal("BatchNorm in training mode")
+                return Refusal(Reason.BATCH_STATISTICS, "BatchNorm in training mode")
             if not mod.track_running_stats or mod.running_mean is None or mod.running_var is None:
-                return Refusal("BatchNorm without running statistics normalizes by batch statistics")
+                return Refusal(Reason.BATCH_STATISTICS,
+                               "BatchNorm without running statistics normalizes by batch statistics")
             aff = K.batchnorm_as_affine(float64(mod.running_mean), float64(mod.running_var),
                                         None if mod.weight is None else float64(mod.weight),
                                         None if mod.bias is None else float64(mod.bias), mod.eps)
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
         if node.op == "call_function" and node.target in ops.BATCH_NORM_FUNCS:
             if arg(node, 5, "training", False) is not False:
-                return Refusal("F.batch_norm(training=True) uses batch statistics")
+                return Refusal(Reason.BATCH_STATISTICS, "F.batch_norm(training=True) uses batch statistics")
             rm, rv = (self.constants.tensor(arg(node, i, n)) for i, n in ((1, "running_mean"), (2, "running_var")))
             w_arg, b_arg = arg(node, 3, "weight"), arg(node, 4, "bias")
             w = None if w_arg is None else self.constants.tensor(w_arg)
             b = None if b_arg is None else self.constants.tensor(b_arg)
             if rm is None or rv is None or (w_arg is not None and w is None) or (b_arg is not None and b is None):
-                return Refusal("F.batch_norm with non-constant statistics or parameters")
+                return Refusal(Reason.NOT_CONSTANT, "F.batch_norm with non-constant statistics or parameters")
             aff = K.batchnorm_as_affine(float64(rm), float64(rv), None if w is None else float64(w),
                                         None if b is None else float64(b), float(arg(node, 7, "eps", 1e-5)))
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
         bn = self._aten_batchnorm_node(node)
         if bn is not None and bn.target in ops.BATCH_NORM_NO_STATS:
-            return Refusal("batch_norm without running statistics normalizes by batch statistics")
+            return Refusal(Reason.BATCH_STATISTICS,
+                           "batch_norm without running statistics normalizes by batch statistics")
         if bn is not None:
             training_at, eps_at = ops.BATCH_NORM_ATEN[bn.target]
             w_arg, b_arg, rm_arg, rv_arg = (arg(bn, i, n) for i, n in
                                             ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
             # (no running statistics first: an eval BatchNorm without them is exported with training=True)
             if rm_arg is None or rv_arg is None:
-                return Refusal("batch_norm without running statistics normalizes by batch statistics")
+                return Refusal(Reason.BATCH_STATISTICS,
+                           "batch_norm without running statistics normalizes by batch statistics")
             if training_at is not None and arg(bn, training_at, "training", False) is not False:
-                return Refusal("batch_norm(training=True) uses batch statistics")
+                return Refusal(Reason.BATCH_STATISTICS, "batch_norm(training=True) uses batch statistics")
             rm, rv = self.constants.tensor(rm_arg), self.constants.tensor(rv_arg)
             w = None if w_arg is None else self.constants.tensor(w_arg)
             b = None if b_arg is None else self.constants.tensor(b_arg)
             if rm is None or rv is None or (w_arg is not None and w is None) or (b_arg is not None and b is None):
-                return Refusal("batch_norm with non-constant statistics or parameters")
+                return Refusal(Reason.NOT_CONSTANT, "batch_norm with non-constant statistics or parameters")
             if not isinstance(bn.args[0], fx.Node):
                 return None
             aff = K.batchnorm_as_affine(float64(rm), float64(rv), None if w is None else float64(w),
@@ -466,8 +463,8 @@ class Reader:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
         if not cip or ceil or div is not None:
-            return Refusal("avg_pool is a conv only with count_include_pad=True, ceil_mode=False and no "
-                           "divisor_override")
+            return Refusal(Reason.POOL_NOT_LINEAR, "avg_pool is a conv only with count_include_pad=True, "
+                           "ceil_mode=False and no divisor_override")
         shape = shape_of(node.args[0])
         if shape is None or len(shape) != ndim + 2 or any(isinstance(v, fx.Node) for v in (k, s, p)):
             return None

@@ -15,6 +15,7 @@ from ..ir import ops
 from ..ir.algebra import ConvSpec
 from ..ir.graphs import erase_if_dead, is_erased
 from ..ir.read import Reader, shape_of
+from ..reasons import Reason
 from ..report import Unfused, WeightGrowth
 
 
@@ -59,10 +60,14 @@ class RewriteContext:
         """Whether a node inserted without a known shape is waiting for shape propagation."""
         return any("tensor_meta" not in n.meta for n in self.graph.nodes if n.op not in ("output", "get_attr"))
 
-    def skip(self, node: fx.Node, reason: str) -> None:
-        """Record that the current rule left candidate ``node`` unfused, and why. Returns ``None``."""
+    def skip(self, node: fx.Node, code: Reason, reason: str) -> None:
+        """Record that the current rule left candidate ``node`` unfused: ``code`` (a :class:`~fxfuse.reasons.Reason`,
+        the stable code callers branch on) names the exactness condition that failed, ``reason`` says it in a
+        sentence. Returns ``None`` (``return ctx.skip(...)`` is the rule idiom)."""
+        if not isinstance(code, Reason):
+            raise TypeError(f"ctx.skip(node, code, reason): code must be a fxfuse.Reason, not {code!r}")
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        self.skips[(self.rule, node.name)] = Unfused(self.rule, node.name, str(target), reason)
+        self.skips[(self.rule, node.name)] = Unfused(self.rule, node.name, str(target), code, reason)
         return None
 
     # -- surgery -------------------------------------------------------------------------------------

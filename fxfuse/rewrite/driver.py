@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
+from ..reasons import Reason
 from ..report import Unfused
 from .context import RewriteContext
 from .registry import PHASES, Rule
@@ -60,7 +61,7 @@ def _sweep(ctx: RewriteContext, rules: Sequence[Rule], deny: AbstractSet[str], m
                     continue
                 key = f"{rule.name}:{node.name}"
                 if key in deny:
-                    ctx.skip(node, "rolled back: this rewrite changed the model's outputs")
+                    ctx.skip(node, Reason.ROLLED_BACK, "rolled back: this rewrite changed the model's outputs")
                     continue
                 if max_rewrites is not None and len(applied) >= max_rewrites:
                     continue

@@ -1,10 +1,10 @@
 """Rule registration: :class:`Rule`, :func:`register_rule`, phases and the run order.
 
 A rule is ``fn(ctx, node) -> Optional[Callable[[], None]]``: it inspects ``node`` and returns ``None`` early when
-the node does not match or an exactness condition fails (calling ``ctx.skip(node, reason)`` for a candidate a user
-would want to hear about); when it can rewrite, it returns a thunk that performs the surgery through ``ctx``
-(:class:`fxfuse.RewriteContext`). Splitting *match* from *rewrite* lets the driver count, deny (rollback) and
-report every rewrite uniformly::
+the node does not match or an exactness condition fails (calling ``ctx.skip(node, Reason.X, "why")`` for a
+candidate a user would want to hear about: a stable :class:`fxfuse.Reason` code and a sentence); when it can
+rewrite, it returns a thunk that performs the surgery through ``ctx`` (:class:`fxfuse.RewriteContext`). Splitting
+*match* from *rewrite* lets the driver count, deny (rollback) and report every rewrite uniformly::
 
     @fxfuse.register_rule("my_block", after="branch_sum")
     def my_block(ctx, node):

@@ -13,6 +13,7 @@ from torch import fx
 
 from ..ir import folds
 from ..ir.read import AffineRead, ConvRead
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -36,19 +37,19 @@ def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if linear is not None and isinstance(read, AffineRead) and read.axis != read.ndim - 1:
         read = ctx.read.affine(source, axis=read.ndim - 1)
         if isinstance(read, AffineRead) and read.axis != read.ndim - 1:
-            return ctx.skip(node, "the affine before this linear layer is not along its input features")
+            return ctx.skip(node, Reason.AXIS, "the affine before this linear layer is not along its input features")
     if not isinstance(read, AffineRead):
         return None
     first = pads[-1] if pads else node  # what reads the affine's output
     if ctx.single_user(source) is not first:
         others = ", ".join(u.name for u in ctx.real_users(source) if u is not first)
-        return ctx.skip(node, f"the affine {source.name} before it also feeds {others}")
+        return ctx.skip(node, Reason.OTHER_USERS, f"the affine {source.name} before it also feeds {others}")
     if conv is not None:
         if read.axis != 1:
-            return ctx.skip(node, "the affine before this conv is not along its input channels")
-        reason = folds.why_not_affine_then_conv(read.affine, conv.spec)
-        if reason:
-            return ctx.skip(node, reason)
+            return ctx.skip(node, Reason.AXIS, "the affine before this conv is not along its input channels")
+        refusal = folds.why_not_affine_then_conv(read.affine, conv.spec)
+        if refusal is not None:
+            return ctx.skip(node, refusal.code, refusal.reason)
         spec = folds.affine_then_conv(read.affine, conv.spec)
 
         def rewrite() -> None:

@@ -19,6 +19,7 @@ from ..ir import folds
 from ..ir.algebra import ConvSpec
 from ..ir.ops import returns_fresh_storage
 from ..ir.read import ConvRead, LinearRead
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
@@ -57,10 +58,11 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
                 target = target.args[0]
                 chain.append(target)
             if not returns_fresh_storage(target, ctx.read.modules):
-                ctx.skip(root, f"in-place add on {target.name}, which may alias a tensor read elsewhere")
+                ctx.skip(root, Reason.ALIASING,
+                         f"in-place add on {target.name}, which may alias a tensor read elsewhere")
                 return False
             if any(u is not node and _comes_after(u, node) for t in chain for u in ctx.real_users(t)):
-                ctx.skip(root, f"in-place add mutates {target.name}, which is read again later")
+                ctx.skip(root, Reason.ALIASING, f"in-place add mutates {target.name}, which is read again later")
                 return False
         for c, operand in operands:
             if (operand.op != "placeholder" and ctx.read.sum(operand) is not None
@@ -82,11 +84,11 @@ def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, sh
         source, spec = read.input, read.spec
         crop = ctx.read.crop(source)
         if crop is not None and ctx.single_user(source) is term:
-            reason = folds.why_not_uncrop(spec, crop[1])
-            if reason is None:  # a crop before the conv: the branch reads the uncropped tensor
+            refusal = folds.why_not_uncrop(spec, crop[1])
+            if refusal is None:  # a crop before the conv: the branch reads the uncropped tensor
                 source, spec = crop[0], folds.uncrop(spec, crop[1])
             else:
-                ctx.skip(term, reason)
+                ctx.skip(term, refusal.code, refusal.reason)
         return Branch(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef)
     spec = folds.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
     return Branch(term, folds.scale_conv(spec, coef), False, None, None, coef)
@@ -127,20 +129,20 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             by_geometry.setdefault((b.spec.stride, b.spec.centre(), b.spec.padding_mode), []).append(b)
         if len(branches) > 1 and any(b.is_conv for b in branches) and len(by_geometry) > 1:
             geos = ", ".join(f"stride {s} centre {c}" for s, c, _ in by_geometry)
-            ctx.skip(node, f"branches on {source.name} do not share one tap grid ({geos})")
+            ctx.skip(node, Reason.TAP_GRID, f"branches on {source.name} do not share one tap grid ({geos})")
         for part in by_geometry.values():
             if len(part) < 2 or not any(b.is_conv for b in part):
                 leftovers.extend(part)
                 continue
-            reason = folds.why_not_on_one_grid([b.spec for b in part])
-            if reason:
-                ctx.skip(node, reason)
+            refusal = folds.why_not_on_one_grid([b.spec for b in part])
+            if refusal is not None:
+                ctx.skip(node, refusal.code, refusal.reason)
                 leftovers.extend(part)
                 continue
             merged = folds.sum_parallel([b.spec for b in part])
             if merged.weight.numel() > sum(b.spec.weight.numel() for b in part):
-                ctx.skip(node, "merging these branches would increase the work (groups expand to "
-                               f"{merged.groups})")
+                ctx.skip(node, Reason.MORE_WORK,
+                         f"merging these branches would increase the work (groups expand to {merged.groups})")
                 # Branches of identical geometry still merge for free (the merged kernel is the size of one).
                 same: Dict[tuple, List[Branch]] = {}
                 for b in part:

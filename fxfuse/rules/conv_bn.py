@@ -11,6 +11,7 @@ from torch import fx
 
 from ..ir import folds
 from ..ir.read import AffineRead, ConvRead, Refusal
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -21,7 +22,7 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if isinstance(read, Refusal):
         if producer is not None and (isinstance(ctx.read.conv(producer), ConvRead) or ctx.read.linear(producer)):
-            ctx.skip(node, read.reason)
+            ctx.skip(node, read.code, read.reason)
         return None
     if isinstance(read, AffineRead):
         permuted = ctx.read.permute(read.input)
@@ -42,12 +43,12 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if linear is not None and read.axis != read.ndim - 1:
         read = ctx.read.affine(node, axis=read.ndim - 1)  # channel axis of a linear output is the last one
         if not isinstance(read, AffineRead) or read.kind == "batch_norm" and read.axis != read.ndim - 1:
-            return ctx.skip(node, "affine is not along the linear layer's output features")
+            return ctx.skip(node, Reason.AXIS, "affine is not along the linear layer's output features")
     if conv is not None and read.axis != 1:
-        return ctx.skip(node, "the affine after this conv is not along its output channels")
+        return ctx.skip(node, Reason.AXIS, "the affine after this conv is not along its output channels")
     if ctx.single_user(producer) is not node:
-        return ctx.skip(node, f"{producer.name} has other users besides this affine "
-                              f"({', '.join(u.name for u in ctx.real_users(producer))})")
+        return ctx.skip(node, Reason.OTHER_USERS, f"{producer.name} has other users besides this affine "
+                                                  f"({', '.join(u.name for u in ctx.real_users(producer))})")
 
     if conv is not None:
         spec = folds.conv_then_affine(conv.spec, read.affine)
@@ -82,7 +83,8 @@ def _through_permute(ctx: RewriteContext, node: fx.Node, read: AffineRead, sourc
     else:
         return None
     if ctx.single_user(permute) is not node or ctx.single_user(source) is not permute:
-        return ctx.skip(node, f"{source.name} → {permute.name} has other users besides this affine")
+        return ctx.skip(node, Reason.OTHER_USERS,
+                        f"{source.name} → {permute.name} has other users besides this affine")
 
     def rewrite() -> None:
         if linear is not None:

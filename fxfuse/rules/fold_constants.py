@@ -15,6 +15,7 @@ from typing import Optional, Set
 from torch import Tensor, fx
 
 from ..ir import ops
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -76,7 +77,7 @@ def fold_constants(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None
     writer = _written(ctx, node)
     if writer is not None:
-        return ctx.skip(node, f"{writer.name} writes into it in place: it is not a constant")
+        return ctx.skip(node, Reason.ALIASING, f"{writer.name} writes into it in place: it is not a constant")
     origin = _origin(node, set())
     like = constants.value(origin) if origin is not None else None
     folded = value.detach().clone()

@@ -14,6 +14,7 @@ from torch import fx
 from ..ir import folds
 from ..ir.ops import is_view
 from ..ir.read import AffineRead
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 @register_rule("linear_view_bn")
@@ -37,7 +38,8 @@ def linear_view_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None  # the view mixes the feature axis: not a per-feature affine
     if ctx.single_user(producer) is not view or ctx.single_user(view) is not bn_node \
             or ctx.single_user(bn_node) is not node:
-        return ctx.skip(node, "an intermediate of the linear → view → BN → view chain has other users")
+        return ctx.skip(node, Reason.OTHER_USERS,
+                        "an intermediate of the linear → view → BN → view chain has other users")
     weight, bias = folds.linear_then_affine(linear.weight, linear.bias, read.affine)
 
     def rewrite() -> None:

@@ -14,7 +14,8 @@ from typing import List, Optional
 from torch import fx
 
 from ..ir import folds
-from ..ir.read import ConvRead
+from ..ir.read import ConvRead, Refusal
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -26,16 +27,20 @@ def pad_values(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return None
     leak = _escaping(vp.pad, node)
     if leak is not None:
-        return ctx.skip(node, f"{leak.name}, an intermediate of the pad-with-values, has other users")
+        return ctx.skip(node, Reason.OTHER_USERS,
+                        f"{leak.name}, an intermediate of the pad-with-values, has other users")
     source = vp.input
     if ctx.single_user(source) is not vp.pad:
-        return ctx.skip(node, f"{source.name} has other users besides the pad")
+        return ctx.skip(node, Reason.OTHER_USERS, f"{source.name} has other users besides the pad")
     read = ctx.read.as_conv(source)
+    if isinstance(read, Refusal):  # e.g. a BatchNorm normalizing by batch statistics
+        return ctx.skip(node, read.code, read.reason)
     if not isinstance(read, ConvRead) or read.kind not in ("conv", "affine"):
-        return ctx.skip(node, "pad with per-channel values after an op that is not a conv or per-channel affine")
-    reason = folds.why_not_pad_values_through(read.spec, vp.values)
-    if reason:
-        return ctx.skip(node, reason)
+        return ctx.skip(node, Reason.NOT_LINEAR,
+                        "pad with per-channel values after an op that is not a conv or per-channel affine")
+    refusal = folds.why_not_pad_values_through(read.spec, vp.values)
+    if refusal is not None:
+        return ctx.skip(node, refusal.code, refusal.reason)
     chain = _chain(ctx, read.input, source)
     if chain is None:
         return None

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..ir import ops
 from ..ir.read import arg
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 _NEUTRAL = {"add": (0, 0), "sub": (None, 0), "mul": (1, 1), "div": (None, 1)}  # (as left operand, as right)
@@ -37,7 +38,8 @@ def _neutral_operand(ctx: RewriteContext, node: fx.Node) -> Optional[fx.Node]:
     if mine is None or theirs is None or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
         return None
     if any(ops.writes_input(u, ctx.read.modules) for u in node.users):
-        return ctx.skip(node, "a user writes into the result in place; bypassing it would alias the operand")
+        return ctx.skip(node, Reason.ALIASING,
+                        "a user writes into the result in place; bypassing it would alias the operand")
     return tensor
 
 

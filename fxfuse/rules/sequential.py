@@ -15,6 +15,7 @@ from ..ir import folds
 from ..ir.algebra import ConvSpec
 from ..ir.ops import is_metadata_user
 from ..ir.read import ConvRead
+from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 
@@ -71,12 +72,12 @@ def sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if first.kind == "avg_pool" and second.kind == "avg_pool":
         return None
     if ctx.single_user(mid) is not node:
-        return ctx.skip(node, f"intermediate {mid.name} has other users")
+        return ctx.skip(node, Reason.OTHER_USERS, f"intermediate {mid.name} has other users")
     if any(is_metadata_user(u, mid) for u in mid.users):
-        return ctx.skip(node, f"the shape of intermediate {mid.name} is read")
-    reason = folds.why_not_composable(first.spec, second.spec)
-    if reason:
-        return ctx.skip(node, reason)
+        return ctx.skip(node, Reason.OTHER_USERS, f"the shape of intermediate {mid.name} is read")
+    refusal = folds.why_not_composable(first.spec, second.spec)
+    if refusal is not None:
+        return ctx.skip(node, refusal.code, refusal.reason)
     merged = folds.compose(first.spec, second.spec)
     # An avg-pool's own cost is memory traffic, not MACs: count it as free, and merge a conv with a pool only if
     # that strictly lowers the conv work (DenseNet's 1x1 conv -> 2x2/2 pool as one dense 2x2/2 conv has equal
@@ -86,7 +87,7 @@ def sequential(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     merged_work = merged.macs_per_output_pixel() * _spatial(ctx, node)
     more = merged_work >= separate if "avg_pool" in (first.kind, second.kind) else merged_work > separate
     if more and not _absorbed_by_sibling(ctx, node, merged, first.input):
-        return ctx.skip(node, "merging would increase the work and no sibling branch absorbs it")
+        return ctx.skip(node, Reason.MORE_WORK, "merging would increase the work and no sibling branch absorbs it")
     like = second.like if second.like is not None else first.like
 
     def rewrite() -> None:

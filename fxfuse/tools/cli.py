@@ -326,7 +326,7 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
         w("  (none)\n")
     w(f"left unfused ({len(rep.unfused)}):\n")
     for u in rep.unfused:
-        w(f"  [{u.rule}] {u.node} ({u.target}): {u.reason}\n")
+        w(f"  [{u.rule}] {u.node} ({u.target}) {u.code.value}: {u.reason}\n")
     if not rep.unfused:
         w("  (none)\n")
     if rep.rolled_back:

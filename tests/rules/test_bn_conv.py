@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxfuse import Reason
 from _helpers import assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, stats
 
 
@@ -74,7 +75,7 @@ def test_bn1d_before_linear_folds():
 def test_bn_before_padded_conv_stays():
     fused = fuse_and_check(BNConv(1), torch.randn(2, 3, 6, 6))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "bn_conv", "nonzero shift")
+    assert_skipped(fused, "bn_conv", Reason.PADDING, "nonzero shift")
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
@@ -137,14 +138,14 @@ def test_bn_before_zero_pad_then_conv_stays():
 
     fused = fuse_and_check(M(), torch.randn(2, 3, 6, 6))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "bn_conv", "nonzero shift")
+    assert_skipped(fused, "bn_conv", Reason.PADDING, "nonzero shift")
 
 
 def test_bn_before_transposed_conv_stays():
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3, stride=2))
     fused = fuse_and_check(model, torch.randn(2, 3, 4, 4))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "bn_conv", "transposed")
+    assert_skipped(fused, "bn_conv", Reason.NOT_LINEAR, "transposed")
 
 
 def test_bn_with_other_users_stays():
@@ -159,7 +160,7 @@ def test_bn_with_other_users_stays():
 
     fused = fuse_and_check(M(), torch.randn(2, 3, 4, 4))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "bn_conv", "also feeds")
+    assert_skipped(fused, "bn_conv", Reason.OTHER_USERS, "also feeds")
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from fxfuse import Reason
 from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
                       stats)
 
@@ -196,7 +197,7 @@ class Misaligned(nn.Module):
 def test_misaligned_taps_stay_unfused():
     fused = fuse_and_check(Misaligned(), torch.randn(2, 3, 8, 8))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "branch_sum", "tap grid")
+    assert_skipped(fused, "branch_sum", Reason.TAP_GRID, "tap grid")
 
 
 class ReluOnBranch(nn.Module):
@@ -266,7 +267,7 @@ def test_inplace_add_with_later_reader(capture):
         # written in place, so identity + conv merging into one conv is exact, and it is made.
         assert fused_counts(fused)["branch_sum"] == 1 and stats(fused).adds == 0
     else:
-        assert_skipped(fused, "branch_sum", "read again later")
+        assert_skipped(fused, "branch_sum", Reason.ALIASING, "read again later")
 
 
 class AugmentedAssignOnAlias(nn.Module):
@@ -321,7 +322,7 @@ def test_merge_that_adds_work_is_skipped():
     """1x1 (64 MACs/px) + 3x3 pool (72) would become a dense 3x3 (576): not done, and said why."""
     fused = fuse_and_check(PointwisePlusPool(), torch.randn(1, 8, 6, 6))
     assert stats(fused).pools == 1
-    assert_skipped(fused, "branch_sum", "increase the work")
+    assert_skipped(fused, "branch_sum", Reason.MORE_WORK, "increase the work")
 
 
 def test_avgpool_without_count_include_pad_is_not_a_conv():

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from fxfuse import Reason
 from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
                       stats)
 
@@ -195,7 +196,7 @@ def test_bn_without_running_stats_is_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     fused = fuse_and_check(model, torch.randn(3, 3, 6, 6))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "conv_bn", "running statistics")
+    assert_skipped(fused, "conv_bn", Reason.BATCH_STATISTICS, "running statistics")
 
 
 class ConvOutputAlsoReturned(nn.Module):
@@ -211,7 +212,7 @@ class ConvOutputAlsoReturned(nn.Module):
 def test_conv_with_other_user_is_not_folded():
     fused = fuse_and_check(ConvOutputAlsoReturned(), torch.randn(2, 3, 7, 7))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "conv_bn", "other users")
+    assert_skipped(fused, "conv_bn", Reason.OTHER_USERS, "other users")
 
 
 def test_training_mode_functional_bn_is_not_folded():
@@ -225,7 +226,24 @@ def test_training_mode_functional_bn_is_not_folded():
 
     fused = fuse_and_check(M(), torch.randn(4, 3, 5, 5))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "conv_bn", "batch statistics")
+    assert_skipped(fused, "conv_bn", Reason.BATCH_STATISTICS, "batch statistics")
+
+
+def test_bn_with_statistics_computed_from_the_input_is_not_folded():
+    """Running statistics that are not constants of the graph (here computed from the conv's output): the BN is
+    not a fixed affine, and the skip says ``not_constant`` (what ``capture="auto"`` reads to try export)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.batch_norm(y, y.mean((0, 2, 3)).detach(), y.var((0, 2, 3)).detach() + 1.0, training=False)
+
+    fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "conv_bn", Reason.NOT_CONSTANT, "non-constant")
 
 
 def test_broadcasting_constant_is_not_a_per_channel_affine():
@@ -268,7 +286,7 @@ def test_scale_along_a_non_channel_axis_is_not_folded():
             return self.conv(x) * self.c
 
     fused = fuse_and_check(M(), torch.randn(2, 3, 5, 5))
-    assert_skipped(fused, "conv_bn", "not along its output channels")
+    assert_skipped(fused, "conv_bn", Reason.AXIS, "not along its output channels")
 
 
 # ---------------------------------------------------------------------------------------- errors

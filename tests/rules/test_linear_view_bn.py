@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from fxfuse import Reason
 from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
                       stats)
 
@@ -61,7 +62,7 @@ class ViewAlsoReturned(nn.Module):
 def test_intermediate_with_other_user_stays():
     fused = fuse_and_check(ViewAlsoReturned(), torch.randn(2, 3, 6))
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "linear_view_bn", "other users")
+    assert_skipped(fused, "linear_view_bn", Reason.OTHER_USERS, "other users")
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxfuse import Reason
 from _helpers import assert_skipped, fuse_and_check, fused_counts, stats
 
 pytestmark = pytest.mark.fixed_capture("export: slice assignment does not trace symbolically")
@@ -71,7 +72,7 @@ def test_values_that_are_not_bn_of_zero_are_kept() -> None:
     """Filled with 0.5, not BN(0): not a zero pad of anything; left in place and reported."""
     fused = fuse_and_check(BNPadConv(values="const"), torch.randn(2, 3, 5, 5), capture="export")
     assert stats(fused).batch_norms == 1
-    assert_skipped(fused, "pad_values", "differ from the value")
+    assert_skipped(fused, "pad_values", Reason.PADDING, "differ from the value")
 
 
 def test_partial_border_write_is_not_a_valued_pad() -> None:
@@ -93,7 +94,7 @@ def test_padded_tensor_read_before_the_writes_is_kept() -> None:
             return self.conv(out), before
 
     fused = fuse_and_check(Logged(), torch.randn(2, 3, 5, 5), capture="export")
-    assert_skipped(fused, "pad_values", "has other users")
+    assert_skipped(fused, "pad_values", Reason.OTHER_USERS, "has other users")
 
 
 class Overreach(BNPadConv):
@@ -124,8 +125,18 @@ class SpatialThenPad(SeqConv):
 
 def test_values_after_a_spatial_conv_are_kept() -> None:
     fused = fuse_and_check(SpatialThenPad(), torch.randn(1, 3, 5, 5))
-    assert_skipped(fused, "pad_values", "not a pointwise")
+    assert_skipped(fused, "pad_values", Reason.NOT_LINEAR, "not a pointwise")
     assert stats(fused).convs == 2
+
+
+def test_pad_after_a_batch_statistics_bn_forwards_the_readers_code() -> None:
+    """The op before the pad is a BatchNorm without running statistics: the reader's refusal (code and sentence)
+    is what the skip reports, not a generic 'not a conv'."""
+    model = BNPadConv(values="const")
+    model.bn = nn.BatchNorm2d(3, track_running_stats=False)
+    fused = fuse_and_check(model, torch.randn(2, 3, 5, 5), capture="export")
+    assert stats(fused).batch_norms == 1
+    assert_skipped(fused, "pad_values", Reason.BATCH_STATISTICS, "batch statistics")
 
 
 class BNAlsoReturned(BNPadConv):
@@ -143,4 +154,4 @@ class BNAlsoReturned(BNPadConv):
 def test_padded_op_with_another_user_is_kept() -> None:
     """Moving the BN after the pad would compute it twice (once for the other user)."""
     fused = fuse_and_check(BNAlsoReturned(), torch.randn(2, 3, 5, 5))
-    assert_skipped(fused, "pad_values", "other users besides the pad")
+    assert_skipped(fused, "pad_values", Reason.OTHER_USERS, "other users besides the pad")

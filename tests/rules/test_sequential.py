@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, reasons, stats
+from fxfuse import Reason
+from _helpers import assert_skipped, assert_wrong_rewrite_caught, codes, fuse_and_check, fused_counts, stats
 
 
 @st.composite
@@ -30,10 +31,10 @@ def test_pointwise_then_kxk(case):
     fused = fuse_and_check(model, x, second=torch.randn(1, *x.shape[1:]))
     assert stats(fused).batch_norms == 0
     if pad == 0:
-        assert stats(fused).convs == 1 or "increase the work" in reasons(fused)
+        assert stats(fused).convs == 1 or Reason.MORE_WORK in codes(fused)
     else:
         assert stats(fused).convs == 2
-        assert_skipped(fused, "sequential", "zero-pads")
+        assert_skipped(fused, "sequential", Reason.PADDING, "zero-pads")
 
 
 def test_kxk_then_kxk_without_padding_composes():
@@ -67,7 +68,7 @@ def test_pointwise_then_avgpool_alone_is_not_merged():
     model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.AvgPool2d(3, 1, 0))
     fused = fuse_and_check(model, torch.randn(1, 8, 6, 6))
     assert stats(fused).pools == 1
-    assert_skipped(fused, "sequential", "increase the work")
+    assert_skipped(fused, "sequential", Reason.MORE_WORK, "increase the work")
 
 
 def test_intermediate_with_other_user_is_kept():
@@ -82,21 +83,21 @@ def test_intermediate_with_other_user_is_kept():
 
     fused = fuse_and_check(M(), torch.randn(1, 3, 6, 6))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "sequential", "other users")
+    assert_skipped(fused, "sequential", Reason.OTHER_USERS, "other users")
 
 
 def test_strided_first_conv_is_not_composed():
     model = nn.Sequential(nn.Conv2d(3, 3, 1, stride=2), nn.Conv2d(3, 3, 3))
     fused = fuse_and_check(model, torch.randn(1, 3, 9, 9))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "sequential", "stride")
+    assert_skipped(fused, "sequential", Reason.TAP_GRID, "stride")
 
 
 def test_dilated_second_conv_is_not_composed():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, dilation=2))
     fused = fuse_and_check(model, torch.randn(1, 3, 9, 9))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "sequential", "dilation")
+    assert_skipped(fused, "sequential", Reason.TAP_GRID, "dilation")
 
 
 def test_padded_kxk_after_kxk_is_not_composed():
@@ -106,7 +107,7 @@ def test_padded_kxk_after_kxk_is_not_composed():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.Conv2d(8, 1, 3, padding=1))
     fused = fuse_and_check(model, torch.randn(1, 1, 8, 8))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "sequential", "non-pointwise")
+    assert_skipped(fused, "sequential", Reason.PADDING, "non-pointwise")
 
 
 # ---------------------------------------------------------------------------------------- errors
