@@ -42,10 +42,10 @@ def violators(rows: Sequence[TimmRow]) -> List[Tuple[str, List[str]]]:
 
 def summary_line(rows: Sequence[TimmRow]) -> str:
     """``N models: a ok, b wrong, c crash, d FusionError, e n.a.; fxfuse conv+BN > timm deploy: f; goal met`` (or
-    ``goal NOT met: k violators``)."""
+    ``goal NOT met: k violators``, ``nothing checked`` without rows)."""
     c = counts(rows)
     bad = violators(rows)
-    goal = "goal met" if not bad else f"goal NOT met: {len(bad)} violator(s)"
+    goal = f"goal NOT met: {len(bad)} violator(s)" if bad else "goal met" if rows else "nothing checked"
     return (f"{len(rows)} models: {c['ok']} ok, {c['wrong']} wrong, {c['crash']} crash, {c['FusionError']} "
             f"FusionError, {c[NA]} n.a.; fxfuse conv+BN > timm deploy: {c['worse_than_deploy']}; {goal}")
 
@@ -67,6 +67,8 @@ def params_text(r: TimmRow) -> str:
 def provenance(rows: Sequence[TimmRow], fresh: int, cache: str) -> str:
     """Where the rows come from: how many this run measured, how many the cache gave, the dates and the fxfuse
     source / library versions they were measured with."""
+    if not rows:
+        return f"No rows: nothing selected, nothing in the cache `{cache}` for this selection."
     dates = sorted(r.date for r in rows if r.date)
     with_what = Counter(
         "; ".join(x for x in (r.source or f"fxfuse {r.versions.get('fxfuse', '?')}",
