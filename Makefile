@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxfuse-installed
 
-.PHONY: venv bench lint test test-all fuzz mutants zoo clean
+.PHONY: venv bench lint test test-all fuzz mutants zoo zoo-timm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ mutants: $(STAMP)
 
 zoo: $(STAMP)
 	$(BIN)/python -m benchmarks.zoo $(ARGS)
+
+# The timm zoo (docs/zoo-timm.md): installs timm (the `zoo` extra) first; resumes from .zoo-timm-cache.jsonl.
+zoo-timm: $(STAMP)
+	$(BIN)/pip install -q "timm>=1.0"
+	$(BIN)/python -m benchmarks.zoo_timm $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import shlex
-import subprocess
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -14,43 +12,21 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .. import common
+from ..common import source_state
 from . import __doc__ as ZOO_DOC
 from .cases import all_models
 from .checks import SubmoduleCheck, ZooRow, check_model
 from .render import err_text, header, machine, ratio_text, render, render_pass_speed, status_text
 from .speed import pass_speed
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = common.ROOT
 COMMAND = "python -m benchmarks.zoo"
-
-
-def source_state() -> str:
-    """Which fxfuse the run used: ``"fxfuse at commit abc1234"``, plus the uncommitted changes under fxfuse/ (the
-    working tree is what is imported); ``""`` outside a git checkout."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = [line[3:] for line in git("status", "--porcelain", "--", "fxfuse").splitlines()]
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if not commit:
-        return ""
-    return f"fxfuse at commit {commit}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
 def shown_command(argv: Sequence[str]) -> str:
     """The command line for the report, without ``--note`` and its text (the header prints the note itself)."""
-    shown, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--note":
-            skip = True
-        elif not a.startswith("--note="):
-            shown.append(a)
-    return f"{COMMAND} {shlex.join(shown)}".strip()
+    return common.shown_command(COMMAND, argv)
 
 
 def run_note(source: str, note: str) -> str:

@@ -25,6 +25,7 @@ from fxfuse.ir.ops import function_kind, module_kind, op_kind, real_users
 from fxfuse.tools.executed_ops import run_counting
 from fxfuse.verify import compare
 
+from ..common import ROOT
 from .cases import ZooCase, cast_floats, zoo_case
 from .speed import speed_ratio
 
@@ -221,13 +222,14 @@ DATA_DEPENDENT = ("torch.export's limit: a Python branch on a value computed fro
                   "number of boxes left after score filtering) cannot be captured as one graph")
 IN_FXFUSE = ("raised inside fxfuse, not by torch.export: torch.export captured the model and fxfuse's rewrite of the "
              "captured ATen graph failed (an fxfuse bug)")
-# Frames that are not "where it stopped": torch itself, the harness, and fxfuse's calls into torch.export.
-_NOT_THE_SITE = ("/torch/", "/benchmarks/zoo/", "/contextlib.py", "fxfuse/api.py", "fxfuse/capture/export.py")
+# Frames that are not "where it stopped": torch itself, the harnesses, and fxfuse's calls into torch.export.
+_NOT_THE_SITE = ("/torch/", "/benchmarks/zoo/", "/benchmarks/zoo_timm/", "/contextlib.py", "fxfuse/api.py",
+                 "fxfuse/capture/export.py")
 
 
 def _site(frame: traceback.FrameSummary) -> str:
     path = frame.filename.replace("\\", "/")
-    for marker in ("site-packages/", "/work/main/"):
+    for marker in ("site-packages/", "/work/main/", f"{ROOT}/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     code = f": `{frame.line.strip()}`" if frame.line else ""

@@ -4,22 +4,19 @@ refusals, and the pass-speed section."""
 from __future__ import annotations
 
 import math
-import os
 import platform
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torchvision
 
-from fxfuse.tools.bench import cpu_model_name
-
+from ..common import cpu_text
 from .checks import FLOAT32_RTOL, RTOL, ZooRow, export_failure_kind, fmt_err
 
 
 def machine(threads: bool = True) -> str:
     """CPU model and core count (and torch threads), torch / torchvision / Python versions."""
-    return (f"{cpu_model_name()} ({os.cpu_count()} cores)"
-            f"{f', {torch.get_num_threads()} torch threads' if threads else ''}; "
+    return (f"{cpu_text()}{f', {torch.get_num_threads()} torch threads' if threads else ''}; "
             f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
 
 
@@ -255,4 +252,7 @@ def header(command: str, date: str, min_run_time: float, note: str = "", machine
         "(robust on this shared 2-core machine), `torch.utils.benchmark.Timer.blocked_autorange(min_run_time="
         f"{min_run_time})`, original and fused alternating over 7 rounds in one process; the column gives "
         "the median (min–max) of the 7 paired ratios original / fused (>1: fused is faster).",
+        "",
+        "The timm model zoo has its own sweep and page: [zoo-timm.md](zoo-timm.md) (`make zoo-timm`, "
+        "`python -m benchmarks.zoo_timm`).",
     ])
