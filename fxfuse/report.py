@@ -195,7 +195,7 @@ class FusionReport:
             lines.append("  captures not used: " + "; ".join(f"{c.capture} [{c.code}] {c.detail}" for c in dropped))
         if self.unfused:
             lines.append(f"  left unfused ({len(self.unfused)}):")
-            lines.extend(f"    [{u.rule}] {u.node} ({u.target}): {u.reason}" for u in self.unfused)
+            lines.extend(f"    [{u.rule}] {u.node} ({u.target}) {u.code}: {u.reason}" for u in self.unfused)
         flagged = [g for g in self.weight_growth if g.outliers]
         if flagged:
             lines.append(f"  weight range outliers (channels grown > {WeightGrowth.OUTLIER_FACTOR:g}x the median "
