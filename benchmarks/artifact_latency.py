@@ -19,7 +19,7 @@ import datetime as _dt
 import platform
 import statistics
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn

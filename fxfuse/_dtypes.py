@@ -125,7 +125,7 @@ def _retarget(graph: fx.Graph, to: torch.dtype) -> Dict[str, _Literals]:
     for node in graph.nodes:
         seen: List[torch.dtype] = []
 
-        def swap(a: Any) -> Any:
+        def swap(a: Any, seen: List[torch.dtype] = seen) -> Any:
             if isinstance(a, torch.dtype) and a.is_floating_point:
                 seen.append(a)
                 return to
@@ -134,7 +134,7 @@ def _retarget(graph: fx.Graph, to: torch.dtype) -> Dict[str, _Literals]:
         args, kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
         method = node.target if node.op == "call_method" and node.target in _DTYPE_METHODS else None
         if any(d != to for d in seen) or (method is not None and _DTYPE_METHODS[str(method)] != to):
-            node.args, node.kwargs = args, kwargs  # type: ignore[assignment]
+            node.args, node.kwargs = args, kwargs
             if method is not None:
                 node.target = next(m for m, d in _DTYPE_METHODS.items() if d == to)
             record[node.name] = _Literals(seen, str(method) if method is not None else None)
@@ -149,13 +149,13 @@ def _restore(graph: fx.Graph, record: Dict[str, _Literals]) -> None:
             continue
         queue = list(lit.dtypes)
 
-        def back(a: Any) -> Any:
+        def back(a: Any, queue: List[torch.dtype] = queue) -> Any:
             if isinstance(a, torch.dtype) and a.is_floating_point and queue:
                 return queue.pop(0)
             return a
 
-        node.args = fx.node.map_aggregate(node.args, back)  # type: ignore[assignment]
-        node.kwargs = fx.node.map_aggregate(node.kwargs, back)  # type: ignore[assignment]
+        node.args = fx.node.map_aggregate(node.args, back)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, back)
         if lit.method is not None and node.op == "call_method":
             node.target = lit.method
 
@@ -261,7 +261,8 @@ class Lens:
         out.gm.recompile()
         out.gm.eval()
         names = {id(t): n for n, t in itertools.chain(out.gm.named_parameters(), out.gm.named_buffers())}
-        out.frozen_names = [f"{names.get(id(t), target)} {list(t.shape)} {dtype_name(t.dtype)}" for target, t in out.frozen]
+        out.frozen_names = [f"{names.get(id(t), target)} {list(t.shape)} {dtype_name(t.dtype)}"
+                            for target, t in out.frozen]
         return out
 
 

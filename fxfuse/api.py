@@ -32,7 +32,7 @@ from .report import FusionReport
 from .rewrite import RuleLike, resolve_rules
 from .tools.executed_ops import run_counting
 from .verified import Example, Options, rewrite_verified
-from .verify import Comparison, compare, default_rtol
+from .verify import Comparison, compare
 
 __all__ = ["CAPTURES", "compile", "reparametrize", "reparametrize_exported"]
 

@@ -156,7 +156,8 @@ class FusionReport:
     def merge(self, prefix: str, other: FusionReport) -> None:
         """Fold a sub-module's report into this one (fallback mode)."""
         self.fused.update(other.fused)
-        self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.code, u.reason) for u in other.unfused)
+        self.unfused.extend(Unfused(u.rule, f"{prefix}.{u.node}", u.target, u.code, u.reason)
+                            for u in other.unfused)
         self.rolled_back.extend(f"{prefix}.{r}" for r in other.rolled_back)
         self.rollbacks.extend(Rollback(f"{prefix}.{r.key}", r.code, r.detail) for r in other.rollbacks)
         self.applied.extend(f"{prefix}.{a}" for a in other.applied)
