@@ -146,13 +146,6 @@ class FusionReport:
     def total_fused(self) -> int:
         return sum(self.fused.values())
 
-    def take(self, other: FusionReport) -> None:
-        """Adopt a whole-graph rewrite's report (keeps this report's warnings first)."""
-        for name in ("fused", "unfused", "rolled_back", "rollbacks", "applied", "before", "after", "verified", "verify_dtype",
-                     "max_abs_error", "max_rel_error", "tolerance", "weight_growth"):
-            setattr(self, name, getattr(other, name))
-        self.warnings.extend(other.warnings)
-
     def merge(self, prefix: str, other: FusionReport) -> None:
         """Fold a sub-module's report into this one (fallback mode)."""
         self.fused.update(other.fused)
