@@ -184,7 +184,7 @@ class FusionReport:
         if self.rollbacks:
             lines.append("  rolled back:")
             lines.extend(f"    {r.key} [{r.code}]: {r.detail}" for r in self.rollbacks)
-        dropped = [c for c in self.captures if not c.kept]
+        dropped = [c for c in self.captures if not c.kept and c.code not in (Reason.NOT_TRIED, Reason.NOT_REQUESTED)]
         if dropped:
             lines.append("  captures not used: " + "; ".join(f"{c.capture} [{c.code}] {c.detail}" for c in dropped))
         if self.unfused:
