@@ -904,7 +904,15 @@ def test_rollback_budget_exhausted_raises(eps_blind_rule: str) -> None:
     model = randomize_batchnorm_(RollbackNet(), seed=1).double().eval()
     x = torch.randn(2, 3, 8, 7, dtype=torch.float64)
     with pytest.raises(FusionError, match="after 1 rollbacks"):  # two wrong rewrites, budget for one
-        fxfuse.reparametrize(model, x, enable=[eps_blind_rule], max_rollbacks=1)
+        fxfuse.reparametrize(model, x, enable=[eps_blind_rule], max_rollbacks=1, capture="symbolic", fallback=False)
+    # capture="auto" does not give up while another capture works (here export: the user's rule reads only the
+    # symbolic spelling of a BN), and says why symbolic tracing was dropped.
+    other = fxfuse.reparametrize(model, x, enable=[eps_blind_rule], max_rollbacks=1)
+    report = other.fxfuse_report
+    assert report.capture in ("export", "submodules") and report.verified
+    assert [c.code for c in report.captures if c.capture == "symbolic"] == [Reason.REWRITE_FAILED]
+    with torch.no_grad():
+        assert_close_f64(model(x), other(x), rtol=1e-10)
     assert len(fxfuse.reparametrize(model, x, enable=[eps_blind_rule], max_rollbacks=2).fxfuse_report.rolled_back) == 2
 
 

@@ -100,7 +100,7 @@ def choose(capture: str, fallback: bool, dynamic_given: bool, tries: Captures) -
     if symbolic_error is not None and capture != "export":
         if not fallback:
             if not found:
-                if isinstance(symbolic_error, UnfaithfulTrace):
+                if isinstance(symbolic_error, FusionError):  # traced, but no verified rewrite / unfaithful
                     raise symbolic_error
                 raise FusionError(f"model does not trace with torch.fx ({type(symbolic_error).__name__}: "
                                   f"{symbolic_error}); pass fallback=True to rewrite its traceable sub-modules"
