@@ -13,7 +13,7 @@ from .report import FusionReport, GraphStats, Unfused
 from .rewrite import Rule, RewriteContext, register_rule, registered_rules, unregister_rule
 from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = [
     "reparametrize",

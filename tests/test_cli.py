@@ -116,6 +116,21 @@ def test_python_m_help_subprocess():
     assert "Traceback" not in res.stderr
 
 
+def test_version_is_single_sourced(capsys):
+    """``fxfuse --version`` (and so ``python -m fxfuse --version``, the same ``main``) prints ``fxfuse.__version__``;
+    pyproject.toml reads the version from there instead of repeating it; CHANGELOG.md has a section for it."""
+    import fxfuse
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fxfuse {fxfuse.__version__}"
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fxfuse.__version__"}
+    release = fxfuse.__version__.split(".dev")[0]  # 0.3.0.dev0 -> its section "## 0.3.0"
+    assert f"\n## {release} " in (ROOT / "CHANGELOG.md").read_text()
+
+
 @pytest.mark.parametrize("cmd", [[], ["bench"], ["fuse"], ["explain"], ["models"]])
 def test_help_on_every_command(cmd, capsys):
     assert cli.main(cmd + ["--help"]) == 0
