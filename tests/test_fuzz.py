@@ -772,7 +772,8 @@ def test_random_nets_reparametrize_exactly(case: Case) -> None:
 
 
 def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> None:
-    """Issue 13, on random nets cast to float32 / bfloat16: the returned model ran in that dtype
+    """The dtype audit and artifact check (docs/patterns.md, "The returned model") on random nets cast to float32 /
+    bfloat16: the returned model ran in that dtype
     (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
     constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
     outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that
