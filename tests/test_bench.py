@@ -19,6 +19,10 @@ from fxfuse.tools.bench import (CSV_COLUMNS, BenchConfig, Progress, count_flops,
                                 interleaved_rounds, make_timer, run_bench)
 from fxfuse.tools.bench.timing import per_call_times
 
+# One worker runs this file under pytest-xdist (make test: --dist loadgroup), so the module-scoped bench run below
+# happens once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bench")
+
 FAST = ["--min-run-time", "0.01", "--rounds", "2", "--warmup", "1", "--no-progress"]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 

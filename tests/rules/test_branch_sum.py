@@ -4,12 +4,12 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
-                      stats)
+from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, budget, fuse_and_check,
+                      fused_counts, stats)
 
 SPELLINGS = ["a+b", "b+a", "iadd", "torch.add", "Tensor.add", "alpha", "sub"]
 
@@ -83,6 +83,7 @@ def multi_branch(draw):
 
 
 # ----------------------------------------------------------------------------------------- fused
+@settings(max_examples=budget(15))  # the profile's 40 with --runslow
 @given(multi_branch())
 def test_any_branch_set_becomes_one_conv(case):
     model, x, kinds = case
