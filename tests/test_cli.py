@@ -76,7 +76,6 @@ def spec_module(tmp_path_factory, monkeypatch):
     d.mkdir(exist_ok=True)
     (d / "fxfuse_cli_test_specs.py").write_text(SPEC_MODULE)
     monkeypatch.syspath_prepend(str(d))
-    yield
 
 
 def _run(argv):
@@ -309,7 +308,7 @@ def test_explain_module_instance_spec():
     assert json.loads(out)["fused"] == {"conv_bn": 2}
 
 
-@pytest.mark.parametrize("capture, fused", [("symbolic", {}), ("export", {"conv_bn": 1}), ("auto", {"conv_bn": 1})])
+@pytest.mark.parametrize(("capture", "fused"), [("symbolic", {}), ("export", {"conv_bn": 1}), ("auto", {"conv_bn": 1})])
 def test_explain_capture_flag(capture, fused):
     """``--capture`` picks the front end: symbolic tracing fails on `int(y.size(1))` and its sub-module
     fallback sees conv and BN apart; torch.export captures the model whole and the BN folds."""
@@ -326,7 +325,7 @@ def test_explain_capture_flag(capture, fused):
 
 
 # ----------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(("argv", "needle"), [
     (["explain", "not-a-model"], "unknown model spec"),
     (["explain", "torchvision:resnet1234"], "unknown torchvision model"),
     (["explain", "no_such_pkg_xyz.mod:fn", "--input-shape", "1,3,8,8"], "cannot import"),
@@ -380,5 +379,5 @@ def test_checkpoint_needing_pickle_is_refused(tmp_path):
 
 
 def test_traceback_flag_reraises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown model spec 'not-a-model'"):
         cli.main(["--traceback", "explain", "not-a-model"], stdout=io.StringIO(), stderr=io.StringIO())

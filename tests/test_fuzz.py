@@ -38,9 +38,9 @@ import fxfuse.models as M
 from fxfuse import FusionError, RewriteContext
 from fxfuse.ir import ConvRead, Reader, shape_of
 from fxfuse.ir.ops import real_users
+from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, randomize_batchnorm_
+
 from _helpers import budget
-from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, \
-    randomize_batchnorm_
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # examples per property test, by profile; the default run (make test) draws 120 of the ci profile's 400 random nets,
@@ -235,8 +235,7 @@ class Branches(nn.Module):
         if self.keep_input:
             feats.append(x)
         outs = [b(x) for b in self.branches]
-        for i in self.keep:
-            feats.append(outs[i])
+        feats.extend(outs[i] for i in self.keep)
         acc = outs[0]
         for o, sp, a in zip(outs[1:], self.spellings, self.alphas):
             acc = _combine(acc, o, sp, a)

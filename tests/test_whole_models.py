@@ -9,6 +9,7 @@ from torch import nn
 import fxfuse
 from fxfuse import models
 from fxfuse.testing import assert_close_f64
+
 from _helpers import fuse_and_check, stats
 
 SMALL = {"repvgg-A0": (2, 3, 64, 64), "repvgg-B1g2": (1, 3, 64, 64), "repvgg-article": (2, 3, 64, 64),
@@ -44,7 +45,7 @@ def test_repvgg_a0_one_conv_per_block():
     assert kinds.count("Conv2d") == 22 and kinds.count("Linear") == 1 and "BatchNorm2d" not in kinds
 
 
-@pytest.mark.parametrize("name,shape", [
+@pytest.mark.parametrize(("name", "shape"), [
     ("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (1, 3, 32, 32)),
     # vgg11_bn (its 25088x4096 classifier in float64) is also in tests/test_zoo.py's default subset
     pytest.param("vgg11_bn", (1, 3, 32, 32), marks=pytest.mark.slow),

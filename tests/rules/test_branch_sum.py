@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, budget, fuse_and_check,
-                      fused_counts, stats)
+from _helpers import (
+    assert_not_fired,
+    assert_skipped,
+    assert_wrong_rewrite_caught,
+    budget,
+    fuse_and_check,
+    fused_counts,
+    stats,
+)
 
 SPELLINGS = ["a+b", "b+a", "iadd", "torch.add", "Tensor.add", "alpha", "sub"]
 
@@ -106,7 +113,7 @@ class ACBlock(nn.Module):
         return self.square(x) + self.hor(x) + self.ver(x)
 
 
-@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+@pytest.mark.parametrize(("k", "stride"), [(3, 1), (5, 2)])
 def test_asymmetric_kernels(k, stride):
     fused = fuse_and_check(ACBlock(4, k, stride), torch.randn(2, 4, 10, 10))
     assert stats(fused).convs == 1 and stats(fused).batch_norms == 0

@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, budget, fuse_and_check,
-                      fused_counts, stats)
+from _helpers import (
+    assert_not_fired,
+    assert_skipped,
+    assert_wrong_rewrite_caught,
+    budget,
+    fuse_and_check,
+    fused_counts,
+    stats,
+)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
-                      stats)
+from _helpers import assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, stats
 
 
 class TokenMLP(nn.Module):

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
 from fxfuse.ir import ops
+
+from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
 
 
 class Between(nn.Module):

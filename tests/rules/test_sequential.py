@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _helpers import assert_skipped, budget, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, reasons, stats
+from _helpers import assert_skipped, assert_wrong_rewrite_caught, budget, fuse_and_check, fused_counts, reasons, stats
 
 
 @st.composite
