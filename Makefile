@@ -24,11 +24,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest -q $(ARGS)
+# The suite in parallel (pytest-xdist: one worker per core; test_bench's module fixture on one worker), then the
+# 15 slowest tests. TEST_JOBS=0 runs it in one process.
+TEST_JOBS ?= auto
+PYTEST_PAR = -n $(TEST_JOBS) --dist loadgroup --durations=15
 
+test: lint
+	$(BIN)/python -m pytest -q $(PYTEST_PAR) $(ARGS)
+
+# Everything: the slow sweeps and the full Hypothesis budgets (--runslow).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --runslow $(ARGS)
+	$(BIN)/python -m pytest -q --runslow $(PYTEST_PAR) $(ARGS)
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q --runslow tests/test_fuzz.py $(ARGS)

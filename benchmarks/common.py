@@ -16,17 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def source_state(root: Path = ROOT) -> str:
     """Which fxfuse the run used: ``"fxfuse at commit abc1234"``, plus the uncommitted changes under fxfuse/ (the
-    working tree is what is imported); ``""`` outside a git checkout."""
+    working tree is what is imported); outside a git checkout of this tree (an unpacked sdist, an archive, no git
+    installed) ``"fxfuse <__version__> from a source tree that is not a git checkout"``."""
+    import fxfuse
+
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
 
+    no_git = f"fxfuse {fxfuse.__version__} from a source tree that is not a git checkout"
     try:
+        top = git("rev-parse", "--show-toplevel")
+        # a tree unpacked inside some other checkout must not report that checkout's commit
+        if not top or Path(top).resolve() != root.resolve():
+            return no_git
         commit = git("rev-parse", "--short", "HEAD")
         dirty = [line[3:] for line in git("status", "--porcelain", "--", "fxfuse").splitlines()]
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return no_git
     if not commit:
-        return ""
+        return no_git
     return f"fxfuse at commit {commit}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 

@@ -15,8 +15,8 @@ threads, rounds interleaved across the variants, median of the per-round medians
 capture=..., verify=False)`` on torchvision models (best of ``--repeats``). ``--aoti`` exports the model (dynamic
 batch), re-parameterizes the ``ExportedProgram`` (``fxfuse.reparametrize(ep)``) and AOTInductor-compiles both
 programs into packages (``torch._inductor.aoti_compile_and_package``); it reports the export / pass / package
-times and the run time of the loaded packages. Results go to docs/benchmarks.md and
-the issue's closing note by hand, with the command, ``lscpu`` model name and date.
+times and the run time of the loaded packages. Results go to docs/benchmarks.md by hand, with the command,
+``lscpu`` model name and date.
 """
 
 from __future__ import annotations

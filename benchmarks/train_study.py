@@ -18,6 +18,7 @@ memory), median over all epochs and seeds, in one process, variants interleaved 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import math
@@ -148,12 +149,10 @@ def table(results: Dict[str, Dict[str, List[float]]], seeds: int, epochs: int, t
                      f"{t / plain_t:.2f}x | {statistics.median(r['max_growth']):.3g}x | "
                      f"{int(sum(r['outliers']))} |")
     cpu = "unknown CPU"
-    try:
+    with contextlib.suppress(Exception):
         cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
             ["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
             if line.startswith("Model name"))
-    except Exception:
-        pass
     lines.append("")
     lines.append(f"`python benchmarks/train_study.py --seeds {seeds} --epochs {epochs} --threads {threads} "
                  f"--width {width}`; "

@@ -8,14 +8,14 @@ Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxf
 :mod:`fxfuse.testing` (docs/extending.md).
 """
 
+from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
 from .api import compile, reparametrize, reparametrize_exported
 from .errors import FusionError
 from .reasons import Reason
 from .report import FusionReport, GraphStats, Unfused
-from .rewrite import Rule, RewriteContext, register_rule, registered_rules, unregister_rule
-from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
+from .rewrite import RewriteContext, Rule, register_rule, registered_rules, unregister_rule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = [
     "reparametrize",

@@ -71,9 +71,9 @@ class ConvGeometry:
 
     def kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for ``nn.ConvNd``."""
-        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    bias=self.bias)
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
+                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+                "bias": self.bias}
 
     def conv(self, **overrides: Any) -> nn.Module:
         """A freshly initialised ``nn.Conv{ndim}d`` with this geometry (``overrides`` replace keyword args)."""

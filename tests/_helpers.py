@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Dict, Iterator, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
 import pytest
 import torch
 import torchvision
+from hypothesis import settings
 from torch import fx, nn
 
 from fxfuse import GraphStats, Reason, RewriteContext
@@ -25,6 +26,18 @@ from fxfuse.models import randomize_batchnorm_
 from fxfuse.testing import assert_reparametrizes
 
 _CAPTURE: ContextVar[str] = ContextVar("fxfuse_test_capture", default="auto")
+
+# Set from --runslow by tests/conftest.py (pytest_configure, before any test module is imported): see budget().
+FULL_BUDGETS = False
+
+
+def budget(default_run: int, full: Optional[int] = None) -> int:
+    """``max_examples`` for a property test that samples a large space (a rule over any geometry, random nets):
+    with ``--runslow`` (``make test-all``, ``make fuzz``) its full budget — ``full``, by default the Hypothesis
+    profile's ``max_examples`` — and in the default run (``make test``, ``make mutants``) at most ``default_run``
+    examples of the same property."""
+    full = settings.default.max_examples if full is None else full
+    return full if FULL_BUDGETS else min(default_run, full)
 
 
 def current_capture() -> str:

@@ -39,9 +39,8 @@ def reachable(root: nn.Module) -> Dict[str, Any]:
         for key, value in vars(mod).items():
             if key in _MODULE_OWN or key == "meta":  # GraphModule.meta holds the report, no tensors
                 continue
-            for path, leaf in _leaves(value, dot + key):
-                if isinstance(leaf, (Tensor, fx.Proxy)):
-                    found[path] = leaf
+            found.update((path, leaf) for path, leaf in _leaves(value, dot + key)
+                         if isinstance(leaf, (Tensor, fx.Proxy)))
         if isinstance(mod, fx.GraphModule):
             for node in mod.graph.nodes:
                 if node.op == "get_attr":

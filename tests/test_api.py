@@ -7,6 +7,7 @@ from torch import nn
 import fxfuse
 from fxfuse import models
 from fxfuse.testing import assert_close_f64
+
 from _helpers import fuse_and_check, fused_counts, stats
 
 

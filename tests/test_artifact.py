@@ -1,4 +1,5 @@
-"""The returned model runs in the original's dtype; no float64 from the working copy leaks into it (issue 13).
+"""The returned model runs in the original's dtype; no float64 from the working copy leaks into it (the dtype
+audit and the artifact check: docs/patterns.md, "The returned model: dtype audit and a second check").
 
 fxfuse computes on a float64 copy. What tracing evaluates from that copy (fx does not proxy buffers, so a buffer
 reshaped in forward becomes a graph constant ``_tensor_constantN``) and what a float64 run caches in a plain
@@ -37,6 +38,7 @@ import fxfuse
 from fxfuse import Reason
 from fxfuse.models import randomize_batchnorm_
 from fxfuse.testing import assert_close_f64
+
 from _reachable import floating_dtypes, reachable, wrong_dtypes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -215,8 +217,8 @@ def swin_like(version: str) -> Tuple[nn.Module, Tensor]:
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_name)
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_swin_like_attention_runs_in_its_dtype(version: str, dtype: torch.dtype) -> None:
-    """Before issue 13 the float32 result raised ``expected scalar type Float but found Double``: the mask (and
-    in v2 the log-spaced coordinates) were float64 graph constants."""
+    """Without the dtype audit the float32 result raised ``expected scalar type Float but found Double``: the mask
+    (and in v2 the log-spaced coordinates) were float64 graph constants."""
     model, x = swin_like(version)
     fused, low = check_runs_in_own_dtype(model, x, dtype)
     report = fused.fxfuse_report
@@ -239,8 +241,8 @@ def test_swin_like_attention_runs_in_its_dtype(version: str, dtype: torch.dtype)
 
 class GatedFrozenAffine(nn.Module):
     """conv → BN → sigmoid → a frozen BN written with buffers (torchvision's ``FrozenBatchNorm2d``: scale and shift
-    computed in forward). After the sigmoid nothing folds it, so its scale and shift stay graph constants; before
-    issue 13 they stayed float64 and the float32 model silently answered in float64."""
+    computed in forward). After the sigmoid nothing folds it, so its scale and shift stay graph constants; without
+    the dtype audit they stayed float64 and the float32 model silently answered in float64."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,7 +269,7 @@ def test_unfolded_frozen_batchnorm_constants(dtype: torch.dtype) -> None:
     assert report.cast_attributes == []  # computed by the capture in the model's dtype: nothing cast back
 
 
-@pytest.mark.parametrize("name,dtype", [
+@pytest.mark.parametrize(("name", "dtype"), [
     pytest.param("swin_v2_t", torch.bfloat16, id="swin_v2_t-bfloat16"),
     pytest.param("swin_v2_t", torch.float32, id="swin_v2_t-float32", marks=pytest.mark.slow),
     pytest.param("swin_t", torch.bfloat16, id="swin_t-bfloat16", marks=pytest.mark.slow),
@@ -329,8 +331,8 @@ def test_zoo_subset_runs_in_its_dtype(name: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,capture", [(torch.float32, "symbolic"), (torch.bfloat16, "symbolic"),
-                                           (torch.float32, "auto")],
+@pytest.mark.parametrize(("dtype", "capture"), [(torch.float32, "symbolic"), (torch.bfloat16, "symbolic"),
+                                                (torch.float32, "auto")],
                          ids=lambda v: v if isinstance(v, str) else _name(v))
 @pytest.mark.parametrize("name", zoo_names())
 def test_zoo_runs_in_its_dtype(name: str, dtype: torch.dtype, capture: str) -> None:

@@ -15,9 +15,21 @@ import pytest
 import torch
 
 from fxfuse.tools import cli
-from fxfuse.tools.bench import (CSV_COLUMNS, BenchConfig, Progress, count_flops, default_batch_sizes,
-                                interleaved_rounds, make_timer, run_bench)
+from fxfuse.tools.bench import (
+    CSV_COLUMNS,
+    BenchConfig,
+    Progress,
+    count_flops,
+    default_batch_sizes,
+    interleaved_rounds,
+    make_timer,
+    run_bench,
+)
 from fxfuse.tools.bench.timing import per_call_times
+
+# One worker runs this file under pytest-xdist (make test: --dist loadgroup), so the module-scoped bench run below
+# happens once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bench")
 
 FAST = ["--min-run-time", "0.01", "--rounds", "2", "--warmup", "1", "--no-progress"]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -179,7 +191,7 @@ def test_default_batch_sizes():
     assert default_batch_sizes(torch.device("cuda")) == [1, 2, 4, 8, 16, 32, 64, 128]
 
 
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(("argv", "needle"), [
     (["bench", "no-such-net"], "unknown model spec"),
     (["bench", "repvgg-tiny", "--batch-sizes", "1,zero"], "bad batch size"),
     (["bench", "repvgg-tiny", "--batch-sizes", "0"], "must be >= 1"),

@@ -220,7 +220,7 @@ def test_auto_does_not_return_a_program_pinned_to_the_example_batch() -> None:
     assert dict(report.fused) == {"conv_bn": 1}
     pinned = fxfuse.reparametrize(model, x, capture="export")
     assert "static shapes" in pinned.fxfuse_report.capture_reason
-    with pytest.raises(Exception):
+    with pytest.raises((AssertionError, RuntimeError)):  # torch's shape guard (the type depends on torch's version)
         pinned(torch.randn(3, 3, 5, 5, dtype=torch.float64))
 
 
@@ -283,7 +283,7 @@ def test_static_exported_program_stays_static() -> None:
     ep = torch.export.export(model, (torch.randn(1, 3, 6, 6),), strict=False)
     fused_ep = fxfuse.reparametrize(ep)
     assert not fused_ep.range_constraints
-    with pytest.raises(Exception):  # the signature is the original's: batch 1 only
+    with pytest.raises((AssertionError, RuntimeError)):  # the signature is the original's: batch 1 only
         fused_ep.module()(torch.randn(2, 3, 6, 6))
 
 
@@ -397,8 +397,8 @@ def check_random_net_both_captures(case) -> None:
     """One random net (tests/test_fuzz.py) through ``capture="export"`` and ``"symbolic"``: equal in float64 on
     two batch sizes, no rollback, and export never executes more convs + BatchNorms than symbolic capture where
     that traces whole."""
-    kwargs = dict(expect_batch_norms=None, rtol=1e-10, atol=1e-12, randomize=False, verify=case.verify,
-                  enable=["horizontal"] if case.horizontal else [])
+    kwargs = {"expect_batch_norms": None, "rtol": 1e-10, "atol": 1e-12, "randomize": False, "verify": case.verify,
+              "enable": ["horizontal"] if case.horizontal else []}
     exported = assert_reparametrizes(case.net, case.input, capture="export", **kwargs)
     symbolic = assert_reparametrizes(case.net, case.input, capture="symbolic", **kwargs)
     e, s = op_counts(exported), op_counts(symbolic)

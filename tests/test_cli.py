@@ -77,7 +77,6 @@ def spec_module(tmp_path_factory, monkeypatch):
     d.mkdir(exist_ok=True)
     (d / "fxfuse_cli_test_specs.py").write_text(SPEC_MODULE)
     monkeypatch.syspath_prepend(str(d))
-    yield
 
 
 def _run(argv):
@@ -115,6 +114,21 @@ def test_python_m_help_subprocess():
     for cmd in ("bench", "fuse", "explain", "models"):
         assert cmd in res.stdout
     assert "Traceback" not in res.stderr
+
+
+def test_version_is_single_sourced(capsys):
+    """``fxfuse --version`` (and so ``python -m fxfuse --version``, the same ``main``) prints ``fxfuse.__version__``;
+    pyproject.toml reads the version from there instead of repeating it; CHANGELOG.md has a section for it."""
+    import fxfuse
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fxfuse {fxfuse.__version__}"
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fxfuse.__version__"}
+    release = fxfuse.__version__.split(".dev")[0]  # 0.3.0.dev0 -> its section "## 0.3.0"
+    assert f"\n## {release} " in (ROOT / "CHANGELOG.md").read_text()
 
 
 @pytest.mark.parametrize("cmd", [[], ["bench"], ["fuse"], ["explain"], ["models"]])
@@ -300,7 +314,7 @@ def test_explain_module_instance_spec():
     assert json.loads(out)["fused"] == {"conv_bn": 2}
 
 
-@pytest.mark.parametrize("capture, fused", [("symbolic", {}), ("export", {"conv_bn": 1}), ("auto", {"conv_bn": 1})])
+@pytest.mark.parametrize(("capture", "fused"), [("symbolic", {}), ("export", {"conv_bn": 1}), ("auto", {"conv_bn": 1})])
 def test_explain_capture_flag(capture, fused):
     """``--capture`` picks the front end: symbolic tracing fails on `int(y.size(1))` and its sub-module
     fallback sees conv and BN apart; torch.export captures the model whole and the BN folds."""
@@ -317,7 +331,7 @@ def test_explain_capture_flag(capture, fused):
 
 
 # ----------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(("argv", "needle"), [
     (["explain", "not-a-model"], "unknown model spec"),
     (["explain", "torchvision:resnet1234"], "unknown torchvision model"),
     (["explain", "no_such_pkg_xyz.mod:fn", "--input-shape", "1,3,8,8"], "cannot import"),
@@ -371,5 +385,5 @@ def test_checkpoint_needing_pickle_is_refused(tmp_path):
 
 
 def test_traceback_flag_reraises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown model spec 'not-a-model'"):
         cli.main(["--traceback", "explain", "not-a-model"], stdout=io.StringIO(), stderr=io.StringIO())

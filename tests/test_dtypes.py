@@ -31,6 +31,7 @@ from fxfuse import GraphStats
 from fxfuse.models import build, randomize_batchnorm_
 from fxfuse.testing import assert_close_f64
 
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Small models: one intra-op thread is faster and immune to a busy machine."""

@@ -113,7 +113,7 @@ def sweep(models: List[str], default: List[Tuple[str, str]]) -> List[Any]:
     return [pytest.param(m, s, marks=() if (m, s) in default else pytest.mark.slow) for m in models for s in SCHEMES]
 
 
-@pytest.mark.parametrize("name, scheme", sweep(sorted(TORCHVISION), [
+@pytest.mark.parametrize(("name", "scheme"), sweep(sorted(TORCHVISION), [
     ("resnet18", "dbb"), ("resnet18", "qarepvgg"), ("mobilenet_v2", "mobileone"), ("mobilenet_v2", "repvgg"),
     ("vgg11_bn", "acnet")]))
 def test_preserve_torchvision(name: str, scheme: str) -> None:
@@ -129,7 +129,7 @@ def test_preserve_torchvision(name: str, scheme: str) -> None:
 REFERENCE = [n for n in names() if not n.startswith("repvgg-") or n == "repvgg-tiny"]
 
 
-@pytest.mark.parametrize("name, scheme", sweep(REFERENCE, [
+@pytest.mark.parametrize(("name", "scheme"), sweep(REFERENCE, [
     ("repvgg-tiny", "dbb"), ("acnet", "repvgg"), ("dbb", "acnet"), ("mobileone", "qarepvgg"),
     ("bn-after-sum", "mobileone")]))
 def test_preserve_reference_nets(name: str, scheme: str) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 import fxfuse
 from fxfuse import GraphStats
 from fxfuse.testing import assert_close_f64
+
 from _helpers import EXPECTED, make
 
 MODELS = list(EXPECTED)

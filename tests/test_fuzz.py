@@ -11,7 +11,8 @@ input of another batch size, verification rolled nothing back (a rollback would 
 the input model is untouched, and the result is a fixed point (no foldable conv→BN pair or mergeable
 same-geometry conv pair is left, BN without running stats are all kept, no op count grows).
 
-``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``) runs thousands of nets; the default ``ci`` profile a few hundred.
+``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``) runs thousands of nets; the ``ci`` profile 400 (``make test-all``), of
+which the default run (``make test``) draws 120.
 Also here: verification with bisecting rollback of a deliberately wrong user rule.
 """
 
@@ -37,12 +38,14 @@ import fxfuse.models as M
 from fxfuse import FusionError, Reason, RewriteContext
 from fxfuse.ir import ConvRead, Reader, shape_of
 from fxfuse.ir.ops import real_users
-from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, \
-    randomize_batchnorm_
+from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, randomize_batchnorm_
+
+from _helpers import budget
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-# examples per property test, by profile: ci stays within ~2 minutes on the 2-core CI machine
-N_NETS = {"ci": 400, "dev": 500, "fuzz": 6000}.get(PROFILE, 400)
+# examples per property test, by profile; the default run (make test) draws 120 of the ci profile's 400 random nets,
+# --runslow (make test-all, make fuzz) all of them
+N_NETS = budget(120, {"ci": 400, "dev": 500, "fuzz": 6000}.get(PROFILE, 400))
 N_ROLLBACK_NETS = {"ci": 40, "dev": 60, "fuzz": 500}.get(PROFILE, 40)
 N_DTYPE_NETS = {"ci": 30, "dev": 60, "fuzz": 600}.get(PROFILE, 30)
 
@@ -58,7 +61,9 @@ def _one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(old)
     if os.environ.get("FXFUSE_FUZZ_STATS") and STATS:
-        with open(os.environ["FXFUSE_FUZZ_STATS"], "w") as f:
+        # under pytest-xdist each worker saw only its share of the nets: one file per worker (PATH.gw0, ...)
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        with open(os.environ["FXFUSE_FUZZ_STATS"] + (f".{worker}" if worker else ""), "w") as f:
             json.dump(dict(sorted(STATS.items())), f, indent=1)
 
 
@@ -230,8 +235,7 @@ class Branches(nn.Module):
         if self.keep_input:
             feats.append(x)
         outs = [b(x) for b in self.branches]
-        for i in self.keep:
-            feats.append(outs[i])
+        feats.extend(outs[i] for i in self.keep)
         acc = outs[0]
         for o, sp, a in zip(outs[1:], self.spellings, self.alphas):
             acc = _combine(acc, o, sp, a)
@@ -772,7 +776,8 @@ def test_random_nets_reparametrize_exactly(case: Case) -> None:
 
 
 def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> None:
-    """Issue 13, on random nets cast to float32 / bfloat16: the returned model ran in that dtype
+    """The dtype audit and artifact check (docs/patterns.md, "The returned model") on random nets cast to float32 /
+    bfloat16: the returned model ran in that dtype
     (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
     constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
     outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that

@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxfuse import Reason
-from fxfuse.ir import folds as K
 from fxfuse.ir import ChannelAffine, ConvSpec, Refusal
+from fxfuse.ir import folds as K
 from fxfuse.testing import assert_close_f64
 
-f64 = dict(dtype=torch.float64)
+f64 = {"dtype": torch.float64}
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -223,7 +223,7 @@ def test_batchnorm_affine_eps_and_no_affine(affine):
     assert_close_f64(F.batch_norm(x, mean, var, w, b, False, 0.0, eps), _apply(aff, x))
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1))])
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1))])
 def test_avg_pool_as_conv(kernel, stride, padding):
     x = torch.randn(2, 3, 7, 6, **f64)
     spec = K.avg_pool_as_conv(3, kernel, stride, padding)

@@ -54,7 +54,7 @@ TWIN_CONVS = {**{f"repvgg-{c}": 22 for c in ("A0", "A1", "A2")},
               "acnet": 6, "dbb": 6, "bn-after-sum": 6, "mobileone": 1 + 2 * 5}
 EXPECTED_OUT = {**{f"repvgg-{c}": (1, 1000) for c in FULL_REPVGG},
                 "repvgg-article": (1, 512, 14, 14), "repvgg-tiny": (1, 10), "repvgg-tiny_g2": (1, 10),
-                **{n: (1, 10) for n in SMALL}}
+                **dict.fromkeys(SMALL, (1, 10))}
 
 
 def _meta(name: str, **kwargs: Any) -> nn.Module:
@@ -231,7 +231,7 @@ def test_repvgg_tiny_and_article_layout() -> None:
     headless = _meta("repvgg-A0", num_classes=None)
     assert tuple(headless(torch.empty(2, 3, 64, 64, device="meta")).shape) == (2, 1280, 2, 2)
     assert headless.linear is None and headless.gap is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=16 and out_channels=32"):
         RepVGGBlock(16, 32, groups=3)
 
 
@@ -253,9 +253,9 @@ def test_small_block_structure() -> None:
     assert mob2.depthwise.skip is None and mob2.pointwise.skip is None
     assert [s["groups"] for s in mob2.deploy_conv_specs()] == [16, 1]
     assert BNAfterSumBlock(8, 8, 1, 2).has_identity and not BNAfterSumBlock(8, 8, 2).has_identity
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 4"):
         ACBlock(8, 8, kernel_size=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="per-block sequences must have equal lengths"):
         M.ACNet(widths=(16, 32), strides=(1,))
 
 

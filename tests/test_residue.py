@@ -121,7 +121,7 @@ class CroppedAC(nn.Module):
         return self.sq(x) + self.ver(x[:, :, :, c:-c]) + self.hor(x[:, :, c:-c, :])
 
 
-@pytest.mark.parametrize("k,groups", [(3, 1), (5, 1), (3, 2)])
+@pytest.mark.parametrize(("k", "groups"), [(3, 1), (5, 1), (3, 2)])
 def test_crop_branches_merge_into_one_conv(k: int, groups: int) -> None:
     fused = assert_reparametrizes(CroppedAC(k, 0, groups=groups), torch.randn(2, 4, 11, 9), expect_convs=1,
                                   expect_fused={"branch_sum": 1, "conv_bn": 3})

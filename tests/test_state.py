@@ -26,6 +26,7 @@ import fxfuse
 from fxfuse import GraphStats
 from fxfuse.testing import assert_close_f64
 from fxfuse.verify import compare
+
 from _helpers import EXPECTED, make
 
 

@@ -37,9 +37,26 @@ From the repository root (``make zoo``)::
 """
 
 from .cases import ZooCase, all_models, cast_floats, model_kind, zoo_case
-from .checks import (DATA_DEPENDENT, FLOAT32_RTOL, IN_FXFUSE, RTOL, SubmoduleCheck, ZooRow, check_model, conditioning,
-                     export_failure, export_failure_kind, export_probe, float64_submodule_check, max_rel_error,
-                     remaining_bn_inputs, run_counted, state_fingerprint, unfused_conv_bn, untraced_batch_norms)
+from .checks import (
+    DATA_DEPENDENT,
+    FLOAT32_RTOL,
+    IN_FXFUSE,
+    RTOL,
+    SubmoduleCheck,
+    ZooRow,
+    check_model,
+    conditioning,
+    export_failure,
+    export_failure_kind,
+    export_probe,
+    float64_submodule_check,
+    max_rel_error,
+    remaining_bn_inputs,
+    run_counted,
+    state_fingerprint,
+    unfused_conv_bn,
+    untraced_batch_norms,
+)
 from .render import render, render_pass_speed
 from .speed import pass_speed, speed_ratio
 

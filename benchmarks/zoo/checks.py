@@ -20,8 +20,8 @@ from torch import Tensor, fx, nn
 import fxfuse
 from fxfuse.capture import capture_calls
 from fxfuse.capture import export as fx_export
-from fxfuse.report import FusionReport
 from fxfuse.ir.ops import function_kind, module_kind, op_kind, real_users
+from fxfuse.report import FusionReport
 from fxfuse.tools.executed_ops import run_counting
 from fxfuse.verify import compare
 

@@ -186,8 +186,7 @@ def render(rows: Sequence[ZooRow], header: str, speed_info: Optional[Dict[str, A
                 lines.append(f"- BatchNorm modules run from untraced Python code (not in any fx graph): "
                              f"{len(r.untraced_bns)} ({', '.join(r.untraced_bns[:6])}"
                              f"{', …' if len(r.untraced_bns) > 6 else ''}).")
-            for u in r.unfused[:8]:
-                lines.append(f"- left unfused: {u}")
+            lines.extend(f"- left unfused: {u}" for u in r.unfused[:8])
             if len(r.unfused) > 8:
                 lines.append(f"- … {len(r.unfused) - 8} more unfused candidates")
             for path, why in r.submodules.items():

@@ -57,8 +57,7 @@ class ExpandReport:
         for e in self.expanded:
             bn = f" + {e.batch_norm}" if e.batch_norm else ""
             lines.append(f"  expanded {e.name}{bn}: {', '.join(e.branches)}")
-        for s in self.skipped:
-            lines.append(f"  skipped {s.name}: {s.reason}")
+        lines.extend(f"  skipped {s.name}: {s.reason}" for s in self.skipped)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 

@@ -3,7 +3,6 @@ their deploy-shaped plain twins, and a BatchNorm randomizer for tests."""
 from __future__ import annotations
 
 from ._bn import randomize_batchnorm_
-from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .blocks import (
     ACBlock,
     ACNet,
@@ -16,6 +15,7 @@ from .blocks import (
     MobileOneNet,
     MobileOneUnit,
 )
+from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
 from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
 

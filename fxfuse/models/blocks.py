@@ -268,10 +268,9 @@ class BNAfterSumBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sum conv3x3, conv1x1 (and x), then BN, then ReLU."""
+        out = self.conv3x3(x) + self.conv1x1(x)
         if self.has_identity:
-            out = self.conv3x3(x) + self.conv1x1(x) + x
-        else:
-            out = self.conv3x3(x) + self.conv1x1(x)
+            out = out + x
         return self.act(self.bn(out))
 
     def deploy_conv_spec(self) -> dict[str, Any]:

@@ -200,36 +200,36 @@ class RepVGG(nn.Module):
 
 
 _GROUPWISE_LAYERS = tuple(range(2, 27, 2))
-_G2 = {layer: 2 for layer in _GROUPWISE_LAYERS}
-_G4 = {layer: 4 for layer in _GROUPWISE_LAYERS}
+_G2 = dict.fromkeys(_GROUPWISE_LAYERS, 2)
+_G4 = dict.fromkeys(_GROUPWISE_LAYERS, 4)
 _A = (2, 4, 14, 1)
 _B = (4, 6, 16, 1)
 
 #: Named RepVGG configurations: keyword arguments for :class:`RepVGG`.
 REPVGG_CONFIGS: dict[str, dict[str, Any]] = {
-    "A0": dict(num_blocks=_A, width_multiplier=(0.75, 0.75, 0.75, 2.5)),
-    "A1": dict(num_blocks=_A, width_multiplier=(1, 1, 1, 2.5)),
-    "A2": dict(num_blocks=_A, width_multiplier=(1.5, 1.5, 1.5, 2.75)),
-    "B0": dict(num_blocks=_B, width_multiplier=(1, 1, 1, 2.5)),
-    "B1": dict(num_blocks=_B, width_multiplier=(2, 2, 2, 4)),
-    "B1g2": dict(num_blocks=_B, width_multiplier=(2, 2, 2, 4), groups_map=_G2),
-    "B1g4": dict(num_blocks=_B, width_multiplier=(2, 2, 2, 4), groups_map=_G4),
-    "B2": dict(num_blocks=_B, width_multiplier=(2.5, 2.5, 2.5, 5)),
-    "B2g2": dict(num_blocks=_B, width_multiplier=(2.5, 2.5, 2.5, 5), groups_map=_G2),
-    "B2g4": dict(num_blocks=_B, width_multiplier=(2.5, 2.5, 2.5, 5), groups_map=_G4),
-    "B3": dict(num_blocks=_B, width_multiplier=(3, 3, 3, 5)),
-    "B3g2": dict(num_blocks=_B, width_multiplier=(3, 3, 3, 5), groups_map=_G2),
-    "B3g4": dict(num_blocks=_B, width_multiplier=(3, 3, 3, 5), groups_map=_G4),
+    "A0": {"num_blocks": _A, "width_multiplier": (0.75, 0.75, 0.75, 2.5)},
+    "A1": {"num_blocks": _A, "width_multiplier": (1, 1, 1, 2.5)},
+    "A2": {"num_blocks": _A, "width_multiplier": (1.5, 1.5, 1.5, 2.75)},
+    "B0": {"num_blocks": _B, "width_multiplier": (1, 1, 1, 2.5)},
+    "B1": {"num_blocks": _B, "width_multiplier": (2, 2, 2, 4)},
+    "B1g2": {"num_blocks": _B, "width_multiplier": (2, 2, 2, 4), "groups_map": _G2},
+    "B1g4": {"num_blocks": _B, "width_multiplier": (2, 2, 2, 4), "groups_map": _G4},
+    "B2": {"num_blocks": _B, "width_multiplier": (2.5, 2.5, 2.5, 5)},
+    "B2g2": {"num_blocks": _B, "width_multiplier": (2.5, 2.5, 2.5, 5), "groups_map": _G2},
+    "B2g4": {"num_blocks": _B, "width_multiplier": (2.5, 2.5, 2.5, 5), "groups_map": _G4},
+    "B3": {"num_blocks": _B, "width_multiplier": (3, 3, 3, 5)},
+    "B3g2": {"num_blocks": _B, "width_multiplier": (3, 3, 3, 5), "groups_map": _G2},
+    "B3g4": {"num_blocks": _B, "width_multiplier": (3, 3, 3, 5), "groups_map": _G4},
     # The seed article's net: four stages of two blocks (64, 128, 256, 512), each stage opening
     # with a stride-2 block, no stem block, no head (returns the feature map).
-    "article": dict(num_blocks=(2, 2, 2, 2), width_multiplier=(1, 1, 1, 1), stem=False, num_classes=None),
+    "article": {"num_blocks": (2, 2, 2, 2), "width_multiplier": (1, 1, 1, 1), "stem": False, "num_classes": None},
     # Small nets for fast tests: widths 16/32/64/256, identity blocks in stages 1-3.
-    "tiny": dict(num_blocks=(2, 2, 2, 1), width_multiplier=(0.25, 0.25, 0.25, 0.5), num_classes=10),
+    "tiny": {"num_blocks": (2, 2, 2, 1), "width_multiplier": (0.25, 0.25, 0.25, 0.5), "num_classes": 10},
     # Groups 2 on layers 2, 4, 6 (identity blocks) and 3 (a stride-2 stage opener).
-    "tiny_g2": dict(
-        num_blocks=(2, 2, 2, 1), width_multiplier=(0.25, 0.25, 0.25, 0.5),
-        groups_map={2: 2, 3: 2, 4: 2, 6: 2}, num_classes=10,
-    ),
+    "tiny_g2": {
+        "num_blocks": (2, 2, 2, 1), "width_multiplier": (0.25, 0.25, 0.25, 0.5),
+        "groups_map": {2: 2, 3: 2, 4: 2, 6: 2}, "num_classes": 10,
+    },
 }
 
 

@@ -298,9 +298,9 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
 
     import torch
 
-    from .bench import count_flops
     from ..capture import trace
     from ..models import randomize_batchnorm_
+    from .bench import count_flops
 
     loaded, model, shape = _build(args.spec, args.input_shape, args.weights)
     if args.randomize_bn:

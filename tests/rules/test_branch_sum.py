@@ -4,13 +4,20 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
-                      stats)
+from _helpers import (
+    assert_not_fired,
+    assert_skipped,
+    assert_wrong_rewrite_caught,
+    budget,
+    fuse_and_check,
+    fused_counts,
+    stats,
+)
 
 SPELLINGS = ["a+b", "b+a", "iadd", "torch.add", "Tensor.add", "alpha", "sub"]
 
@@ -84,6 +91,7 @@ def multi_branch(draw):
 
 
 # ----------------------------------------------------------------------------------------- fused
+@settings(max_examples=budget(15))  # the profile's 40 with --runslow
 @given(multi_branch())
 def test_any_branch_set_becomes_one_conv(case):
     model, x, kinds = case
@@ -106,7 +114,7 @@ class ACBlock(nn.Module):
         return self.square(x) + self.hor(x) + self.ver(x)
 
 
-@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+@pytest.mark.parametrize(("k", "stride"), [(3, 1), (5, 2)])
 def test_asymmetric_kernels(k, stride):
     fused = fuse_and_check(ACBlock(4, k, stride), torch.randn(2, 4, 10, 10))
     assert stats(fused).convs == 1 and stats(fused).batch_norms == 0

@@ -4,13 +4,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
-from _helpers import (assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts,
-                      stats)
+from _helpers import (
+    assert_not_fired,
+    assert_skipped,
+    assert_wrong_rewrite_caught,
+    budget,
+    fuse_and_check,
+    fused_counts,
+    stats,
+)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -40,6 +47,7 @@ def conv_bn_case(draw, transposed=False):
 
 
 # ----------------------------------------------------------------------------------------- fused
+@settings(max_examples=budget(15))  # the profile's 40 with --runslow
 @given(conv_bn_case())
 def test_conv_bn_any_geometry(case):
     model, x = case
@@ -48,6 +56,7 @@ def test_conv_bn_any_geometry(case):
     assert fused_counts(fused) == {"conv_bn": 1}
 
 
+@settings(max_examples=budget(15))
 @given(conv_bn_case(transposed=True))
 def test_conv_transpose_bn_grouped(case):
     model, x = case

@@ -34,9 +34,9 @@ def test_zero_pad_module_is_absorbed():
 
 
 # ----------------------------------------------------------------------------------- must NOT fold
-@pytest.mark.parametrize("kwargs", [dict(pads=[0, 1, 0, 1]), dict(pads=[1, 1, 1, 1], value=1.0),
-                                    dict(pads=[1, 1, 1, 1], mode="reflect"),
-                                    dict(pads=[1, 1, 1, 1], conv_mode="reflect")],
+@pytest.mark.parametrize("kwargs", [{"pads": [0, 1, 0, 1]}, {"pads": [1, 1, 1, 1], "value": 1.0},
+                                    {"pads": [1, 1, 1, 1], "mode": "reflect"},
+                                    {"pads": [1, 1, 1, 1], "conv_mode": "reflect"}],
                          ids=["asymmetric", "nonzero-value", "reflect-pad", "reflect-conv"])
 def test_other_pads_stay(kwargs, capture):
     fused = fuse_and_check(PadConv(**kwargs), torch.randn(1, 3, 6, 6))

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse import Reason
-from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
 from fxfuse.ir import ops
+
+from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
 
 
 class Between(nn.Module):

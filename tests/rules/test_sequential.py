@@ -2,12 +2,20 @@
 work (docs/patterns.md, `sequential`)."""
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
-from _helpers import assert_skipped, assert_wrong_rewrite_caught, codes, fuse_and_check, fused_counts, stats
+from _helpers import (
+    assert_skipped,
+    assert_wrong_rewrite_caught,
+    budget,
+    codes,
+    fuse_and_check,
+    fused_counts,
+    stats,
+)
 
 
 @st.composite
@@ -24,6 +32,7 @@ def pointwise_then_kxk(draw):
 
 
 # ----------------------------------------------------------------------------------------- fused
+@settings(max_examples=budget(15))  # the profile's 40 with --runslow
 @given(pointwise_then_kxk())
 def test_pointwise_then_kxk(case):
     """Merged only where exact: the kxk reads no zero padding (a BN shift makes the 1x1 output nonzero)."""

@@ -4,7 +4,6 @@ kernel's centre row / column. Only kernels larger than 1 on both axes get them (
 
 from __future__ import annotations
 
-
 from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 

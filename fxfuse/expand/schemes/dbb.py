@@ -8,7 +8,6 @@ undilated convs only). A 1x1 conv gets the 1x1→1x1 chain only."""
 
 from __future__ import annotations
 
-
 from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 

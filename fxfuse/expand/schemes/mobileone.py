@@ -6,7 +6,6 @@ over-parameterized variant, 1 in S1–S4), the 1x1 "scale" branch for kernels > 
 
 from __future__ import annotations
 
-
 from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 

@@ -9,7 +9,6 @@ at ``-I``."""
 
 from __future__ import annotations
 
-
 from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
 
 

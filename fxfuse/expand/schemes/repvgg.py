@@ -6,7 +6,6 @@ gets the identity only (a second 1x1 would just duplicate the main kernel)."""
 
 from __future__ import annotations
 
-
 from ..scheme import Geometry, Plan, PlanBuilder, register_scheme
 
 

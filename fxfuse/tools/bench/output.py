@@ -75,8 +75,7 @@ def format_op_table(spec: str, executed: Dict[str, Dict[str, int]]) -> str:
     width = max([10] + [len(op) for op in ops])
     head = f"{'executed ops (' + spec + ', batch 1)':<{width + 2}}" + "".join(f"{v:>10}" for v in variants)
     lines = [head, "-" * len(head)]
-    for op in ops:
-        lines.append(f"  {op:<{width}}" + "".join(f"{executed[v].get(op, 0):>10}" for v in variants))
+    lines.extend(f"  {op:<{width}}" + "".join(f"{executed[v].get(op, 0):>10}" for v in variants) for op in ops)
     lines.append(f"  {'total':<{width}}" + "".join(f"{sum(executed[v].values()):>10}" for v in variants))
     if "fxfuse" in executed and "plain" in executed:
         same = executed["fxfuse"] == executed["plain"]

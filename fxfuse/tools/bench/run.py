@@ -15,8 +15,7 @@ from ..model_source import SpecError, load_model, parse_dtype
 from .config import COMPILED_VARIANTS, BenchConfig, BenchResult, validate, wanted_variants
 from .env import default_batch_sizes, load_average, resolve_device, run_metadata, sync
 from .progress import Progress
-from .timing import (cold_inductor, interleaved_rounds, make_timer, peak_memory, per_call_times, quartiles,
-                     warm_compiler)
+from .timing import cold_inductor, interleaved_rounds, make_timer, peak_memory, per_call_times, quartiles, warm_compiler
 from .variants import Prepared, make_input, prepare
 
 
