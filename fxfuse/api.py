@@ -25,9 +25,7 @@ from .capture.auto import CAPTURES, Captures, choose
 from .capture.state import attributes_preserved
 from .capture.submodules import rewrite_submodules
 from .errors import FusionError
-from .ir.ops import function_kind, module_kind
-from .ir.read import Reader
-from .reasons import Reason
+from .ir.ops import function_kind
 from .report import FusionReport
 from .rewrite import RuleLike, resolve_rules
 from .tools.executed_ops import run_counting
@@ -156,7 +154,7 @@ def reparametrize(
         return _rewrite_submodules(work, args, example, opts, model_state, trace_error, inplace)
 
     result, report = choose(capture, fallback, dynamic_shapes is not None,
-                            Captures(symbolic, export, submodules, lambda m: _executed(m, args), _export_may_improve))
+                            Captures(symbolic, export, submodules, lambda m: _executed(m, args)))
     report.warnings[:0] = notes
     result.eval()
     report.pass_seconds = time.perf_counter() - start
@@ -238,32 +236,6 @@ def _executed(module: nn.Module, args: Tuple[Any, ...]) -> int:
     with attributes_preserved(module):
         _, counts = run_counting(module, *clone_inputs(args), key=kind)
     return sum(counts.values())
-
-
-def _export_may_improve(module: nn.Module, report: FusionReport) -> bool:
-    """Whether an ATen graph could fuse more than the symbolic result did. Only where symbolic capture is the limit:
-    a module the symbolic graph calls as an opaque leaf while it holds parameters (a forward hook, a ``torch.nn``
-    leaf export inlines) when BatchNorms are left, or a skip because a weight / statistic was not a constant in
-    the symbolic graph. BatchNorms left for algebraic reasons (batch statistics, a padded conv after a shift)
-    stay in any capture, so they do not cost an export."""
-    if not isinstance(module, fx.GraphModule):
-        return True
-    if any(u.code is Reason.NOT_CONSTANT for u in report.unfused):
-        return True
-    if report.after.batch_norms == 0 and not report.unfused:
-        return False
-    reader = Reader(module)
-    return any(n.op == "call_module" and reader.module(n) is None and _opaque_layer(reader.modules[str(n.target)])
-               for n in module.graph.nodes if str(n.target) in reader.modules)
-
-
-def _opaque_layer(mod: nn.Module) -> bool:
-    """A conv / BN / linear-kind leaf (:func:`fxfuse.ir.ops.module_kind`) the symbolic graph cannot read — a
-    subclass overriding ``forward``, or hooked — or any hooked leaf with parameters: export runs its Python and may
-    expose a fusable layer. Other ``torch.nn`` leaves (LayerNorm, GroupNorm, attention) stay unfusable in any
-    capture, so they cost no export."""
-    hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
-    return module_kind(mod) is not None or (hooked and any(True for _ in mod.parameters()))
 
 
 def reparametrize_exported(ep: torch.export.ExportedProgram, example_input: Any = None, *,

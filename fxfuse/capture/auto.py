@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
-from torch import nn
+from torch import fx, nn
 
 from ..errors import FusionError, UnfaithfulTrace
+from ..ir.ops import module_kind
+from ..ir.read import Reader
 from ..reasons import Reason
 from ..report import CaptureAttempt, FusionReport
 from .export import ExportCapture, failure_text
@@ -35,7 +37,6 @@ class Captures:
     export: Callable[[], Tuple[nn.Module, FusionReport, ExportCapture]]
     submodules: Callable[[Exception], Result]
     executed: Callable[[nn.Module], int]  # convs + BatchNorms + pools one call on the example input executes
-    export_may_improve: Callable[[nn.Module, FusionReport], bool]
 
 
 @dataclass
@@ -78,8 +79,8 @@ def choose(capture: str, fallback: bool, dynamic_given: bool, tries: Captures) -
     else:
         attempts.append(CaptureAttempt("symbolic", False, Reason.NOT_REQUESTED, None, "capture=\"export\""))
 
-    if capture == "export" or (capture == "auto" and (not found or tries.export_may_improve(found[0].module,
-                                                                                             found[0].report))):
+    improvable = bool(found) and export_may_improve(found[0].module, found[0].report)
+    if capture == "export" or (capture == "auto" and (not found or improvable)):
         try:
             module, report, captured = tries.export()
             how = f"torch.export in {captured.seconds:.2f} s, {captured.dynamic}"
@@ -145,3 +146,29 @@ def choose(capture: str, fallback: bool, dynamic_given: bool, tries: Captures) -
     report.capture_reason = "; ".join([head, *notes])
     report.captures = attempts
     return kept.module, report
+
+
+def export_may_improve(module: nn.Module, report: FusionReport) -> bool:
+    """Whether an ATen graph could fuse more than the symbolic result did. Only where symbolic capture is the limit:
+    a module the symbolic graph calls as an opaque leaf while it holds parameters (a forward hook, a ``torch.nn``
+    leaf export inlines) when BatchNorms are left, or a skip because a weight / statistic was not a constant in
+    the symbolic graph. BatchNorms left for algebraic reasons (batch statistics, a padded conv after a shift)
+    stay in any capture, so they do not cost an export."""
+    if not isinstance(module, fx.GraphModule):
+        return True
+    if any(u.code is Reason.NOT_CONSTANT for u in report.unfused):
+        return True
+    if report.after.batch_norms == 0 and not report.unfused:
+        return False
+    reader = Reader(module)
+    return any(n.op == "call_module" and reader.module(n) is None and _opaque_layer(reader.modules[str(n.target)])
+               for n in module.graph.nodes if str(n.target) in reader.modules)
+
+
+def _opaque_layer(mod: nn.Module) -> bool:
+    """A conv / BN / linear-kind leaf (:func:`fxfuse.ir.ops.module_kind`) the symbolic graph cannot read — a
+    subclass overriding ``forward``, or hooked — or any hooked leaf with parameters: export runs its Python and may
+    expose a fusable layer. Other ``torch.nn`` leaves (LayerNorm, GroupNorm, attention) stay unfusable in any
+    capture, so they cost no export."""
+    hooked = bool(mod._forward_hooks or mod._forward_pre_hooks)
+    return module_kind(mod) is not None or (hooked and any(True for _ in mod.parameters()))
