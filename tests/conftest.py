@@ -55,3 +55,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (small models: faster, and immune to a busy machine); restored after.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -80,14 +80,6 @@ def _random_nets():  # the fuzzer's strategy, imported lazily (tests/test_fuzz.p
     return random_nets(max_blocks=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _executed(model: nn.Module, x: torch.Tensor) -> int:
     """Convs + BatchNorms + pools one call executes, counted as they run (whatever the capture)."""
     kinds = ("conv", "batch_norm", "avg_pool")

@@ -24,12 +24,7 @@ from benchmarks.zoo_timm.__main__ import main
 from benchmarks.zoo_timm.render import header, provenance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ stand-in zoo
