@@ -3,7 +3,7 @@
     python -m benchmarks.artifact_latency [--rounds 7] [--min-run-time 0.2] [--threads 1] [--out FILE]
 
 For every reference net (``fxfuse.models``: training form and its ``plain_twin``, the deploy net a perfect
-re-parameterizer produces) under ``capture="symbolic"`` and ``capture="export"``: the fused model's per-call time at
+re-parameterizer produces, holding the fused model's weights) under ``capture="symbolic"`` and ``capture="export"``: the fused model's per-call time at
 batch 1 on a small input as a ratio to the twin's (median of interleaved ``torch.utils.benchmark`` rounds, the order
 rotating each round), with what each executes (convs + BatchNorms + pools) and holds (state-dict entries, parameter
 bytes). A ratio is meaningful where the executed ops are equal (column "same ops"). For the capture corpus
@@ -48,6 +48,20 @@ def state(model: nn.Module) -> Tuple[int, int]:
     return len(sd), sum(t.numel() * t.element_size() for t in sd.values())
 
 
+def with_weights_of(twin: nn.Module, fused: nn.Module) -> nn.Module:
+    """``twin`` holding ``fused``'s parameter values (same shapes, in order): CPU conv speed depends on the values
+    (a twin with fresh random weights ran 1.5x slower than itself with the fused weights, measured here), so the
+    twin compared with is the deploy net with the very same weights."""
+    twin = copy.deepcopy(twin)
+    ours, theirs = list(twin.parameters()), list(fused.parameters())
+    if [p.shape for p in ours] != [p.shape for p in theirs]:
+        raise ValueError("the twin's parameters do not match the fused model's")
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            a.copy_(b)
+    return twin
+
+
 def ratio(models: Dict[str, nn.Module], x: Tensor, threads: int, rounds: int, min_run_time: float
           ) -> Dict[str, float]:
     """Median per-call seconds of each model, measured interleaved."""
@@ -64,8 +78,8 @@ def reference_rows(threads: int, rounds: int, min_run_time: float, nets: Sequenc
         model = randomize_batchnorm_(build(name), 0).eval()
         shape = default_input_shape(name)
         x = torch.randn((1, *shape[1:]))
-        twin = plain_twin(model).eval()
         fused = {cap: fxfuse.reparametrize(model, x, capture=cap) for cap in CAPTURES}
+        twin = with_weights_of(plain_twin(model).eval(), fused["symbolic"])
         times = ratio({"twin": twin, **fused}, x, threads, rounds, min_run_time)
         tw_entries, tw_bytes = state(twin)
         tw_ops = executed(twin, x)
