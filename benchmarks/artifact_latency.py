@@ -6,7 +6,8 @@ For every reference net (``fxfuse.models``: training form and its ``plain_twin``
 re-parameterizer produces, holding the fused model's weights) under ``capture="symbolic"`` and
 ``capture="export"``: the fused model's per-call time at batch 1 on a small input as a ratio to the twin's (median
 of interleaved ``torch.utils.benchmark`` rounds, the order rotating each round), with what each executes (convs +
-BatchNorms + pools) and holds (state-dict entries, parameter bytes). A ratio is meaningful where the executed ops are equal (column "same ops"). For the capture corpus
+BatchNorms + pools) and holds (state-dict entries, parameter bytes). A ratio is meaningful where the executed ops
+are equal (column "same ops"). For the capture corpus
 (``fxfuse/models/wild.py``, no hand-written twin) the export artifact is timed against the symbolic one where
 symbolic tracing captures the model whole. docs/benchmarks.md quotes a run.
 """
