@@ -31,15 +31,6 @@ from .ir.graphs import eager_spellings, fetch, plain_calling_convention, standal
 _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 
 
-def dominant_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype holding most parameter and buffer elements (the default dtype if there is none)."""
-    counts: Dict[torch.dtype, int] = {}
-    for p in itertools.chain(module.parameters(), module.buffers()):
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=lambda d: counts[d]) if counts else torch.get_default_dtype()
-
-
 def float64_copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)`` with its floating parameters and buffers created in float64 directly."""
     memo: Dict[int, Any] = {}
@@ -158,17 +149,6 @@ def _restore(graph: fx.Graph, record: Dict[str, _Literals]) -> None:
         node.kwargs = fx.node.map_aggregate(node.kwargs, back)
         if lit.method is not None and node.op == "call_method":
             node.target = lit.method
-
-
-def graph_dtype_literals(gm: fx.GraphModule) -> List[Tuple[str, torch.dtype]]:
-    """``(node, dtype)`` for every floating dtype literal in ``gm``'s node arguments (an audit of what the returned
-    graph computes in)."""
-    out: List[Tuple[str, torch.dtype]] = []
-    for node in gm.graph.nodes:
-        for a in tree_flatten((list(node.args), dict(node.kwargs)))[0]:
-            if isinstance(a, torch.dtype) and a.is_floating_point:
-                out.append((node.name, a))
-    return out
 
 
 # ------------------------------------------------------------------------------------- the lens
