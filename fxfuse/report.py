@@ -66,8 +66,9 @@ class WeightGrowth:
         """``None`` when the kernels do not share their output-channel axis (e.g. a transposed conv)."""
         if fused.dim() != main.dim() or fused.dim() < 2 or fused.shape[0] != main.shape[0]:
             return None
-        f = fused.detach().to(torch.float64).abs().flatten(1).amax(1)
-        m = main.detach().to(torch.float64).abs().flatten(1).amax(1).to(f.device)
+        # max |w| per output channel in one pass over each kernel (no |w| temporary; float64 only per channel)
+        f = torch.linalg.vector_norm(fused.detach().flatten(1), float("inf"), dim=1).to(torch.float64)
+        m = torch.linalg.vector_norm(main.detach().flatten(1), float("inf"), dim=1).to(torch.float64).to(f.device)
         growth = torch.where(m > 0, f / m.clamp_min(1e-300), torch.where(f > 0, torch.inf, 1.0))
         median = float(growth.median())
         outliers = tuple(int(i) for i in torch.nonzero(growth > cls.OUTLIER_FACTOR * median).flatten()) \
