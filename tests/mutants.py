@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("fxfuse", "tests", "docs", "pyproject.toml", "README.md")
+COPIED = ("fxfuse", "tests", "benchmarks", "docs", "pyproject.toml", "README.md")
 
 KERNELS = "tests/test_kernels.py"
 RULES = "tests/rules"
