@@ -26,21 +26,13 @@ import torch
 from torch import Tensor, nn
 
 import fxfuse
-from fxfuse.ir.ops import function_kind
 from fxfuse.models import build, default_input_shape, plain_twin, randomize_batchnorm_
 from fxfuse.models.wild import CORPUS, make
 from fxfuse.tools.bench.timing import interleaved_rounds, make_timer, per_call_times
-from fxfuse.tools.executed_ops import run_counting
+from fxfuse.tools.executed_ops import executed_fusable
 
 NETS = ("repvgg-tiny", "repvgg-A0", "acnet", "dbb", "mobileone", "bn-after-sum")
 CAPTURES = ("symbolic", "export")
-
-
-def executed(model: nn.Module, x: Tensor) -> int:
-    """Convs + BatchNorms + pools one call executes."""
-    kinds = ("conv", "batch_norm", "avg_pool")
-    _, counts = run_counting(model, x, key=lambda f: function_kind(f) if function_kind(f) in kinds else None)
-    return sum(counts.values())
 
 
 def state(model: nn.Module) -> Tuple[int, int]:
@@ -83,10 +75,10 @@ def reference_rows(threads: int, rounds: int, min_run_time: float, nets: Sequenc
         twin = with_weights_of(plain_twin(model).eval(), fused["symbolic"])
         times = ratio({"twin": twin, **fused}, x, threads, rounds, min_run_time)
         tw_entries, tw_bytes = state(twin)
-        tw_ops = executed(twin, x)
+        tw_ops = executed_fusable(twin, x)
         for cap in CAPTURES:
             entries, nbytes = state(fused[cap])
-            ops = executed(fused[cap], x)
+            ops = executed_fusable(fused[cap], x)
             rows.append([name, cap, f"{ops} / {tw_ops}", "yes" if ops == tw_ops else "no",
                          f"{entries} / {tw_entries}", f"{nbytes / tw_bytes:.4f}",
                          f"{times[cap] * 1e6:.0f} / {times['twin'] * 1e6:.0f}", f"{times['twin'] / times[cap]:.3f}"])
@@ -111,12 +103,12 @@ def corpus_rows(threads: int, rounds: int, min_run_time: float) -> List[List[str
         if exp is None:
             continue
         whole = sym is not None and sym.fxfuse_report.capture == "symbolic"
-        ops_e = executed(exp, x)
+        ops_e = executed_fusable(exp, x)
         if not whole:
             rows.append([name, "export", str(ops_e), "-", str(state(exp)[0]), "-", "-", "- (symbolic not whole)"])
             continue
         assert sym is not None
-        ops_s = executed(sym, x)
+        ops_s = executed_fusable(sym, x)
         times = ratio({"symbolic": sym, "export": exp}, x, threads, rounds, min_run_time)
         rows.append([name, "export vs symbolic", f"{ops_e} / {ops_s}", "yes" if ops_e == ops_s else "no",
                      f"{state(exp)[0]} / {state(sym)[0]}", f"{state(exp)[1] / max(1, state(sym)[1]):.4f}",

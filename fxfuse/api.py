@@ -25,10 +25,9 @@ from .capture.auto import CAPTURES, Captures, choose
 from .capture.state import attributes_preserved
 from .capture.submodules import rewrite_submodules
 from .errors import FusionError
-from .ir.ops import function_kind
 from .report import FusionReport
 from .rewrite import RuleLike, resolve_rules
-from .tools.executed_ops import run_counting
+from .tools.executed_ops import executed_fusable
 from .verified import Example, Options, rewrite_verified
 from .verify import Comparison, compare
 
@@ -223,19 +222,10 @@ def _has_float_tensor(output: Any) -> bool:
     return any(isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(output))
 
 
-_EXECUTED_KINDS = ("conv", "batch_norm", "avg_pool")
-
-
 def _executed(module: nn.Module, args: Tuple[Any, ...]) -> int:
-    """Convs + BatchNorms + pools one call of ``module`` on ``args`` executes (what ``capture="auto"`` minimizes),
-    counted as they run whatever the capture."""
-    def kind(func: Any) -> Optional[str]:
-        k = function_kind(func)
-        return k if k in _EXECUTED_KINDS else None
-
+    """Convs + BatchNorms + pools one call of ``module`` on ``args`` executes (what ``capture="auto"`` minimizes)."""
     with attributes_preserved(module):
-        _, counts = run_counting(module, *clone_inputs(args), key=kind)
-    return sum(counts.values())
+        return executed_fusable(module, *clone_inputs(args))
 
 
 def reparametrize_exported(ep: torch.export.ExportedProgram, example_input: Any = None, *,

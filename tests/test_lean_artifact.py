@@ -18,9 +18,8 @@ from torch import fx, nn
 import fxfuse
 from fxfuse import Reason, RewriteContext
 from fxfuse.models import build, default_input_shape, plain_twin, randomize_batchnorm_
-from fxfuse.ir.ops import function_kind
 from fxfuse.testing import assert_close_f64, op_counts
-from fxfuse.tools.executed_ops import run_counting
+from fxfuse.tools.executed_ops import executed_fusable
 
 NETS = ["repvgg-tiny", "dbb", "mobileone", "acnet"]
 
@@ -80,13 +79,6 @@ def _random_nets():  # the fuzzer's strategy, imported lazily (tests/test_fuzz.p
     return random_nets(max_blocks=3)
 
 
-def _executed(model: nn.Module, x: torch.Tensor) -> int:
-    """Convs + BatchNorms + pools one call executes, counted as they run (whatever the capture)."""
-    kinds = ("conv", "batch_norm", "avg_pool")
-    _, counts = run_counting(model, x, key=lambda f: function_kind(f) if function_kind(f) in kinds else None)
-    return sum(counts.values())
-
-
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_random_nets())
 def test_auto_is_never_worse_than_a_single_capture(case) -> None:
@@ -101,8 +93,8 @@ def test_auto_is_never_worse_than_a_single_capture(case) -> None:
     assert auto is not None or not singles  # auto raises only when no capture gives a verified model
     if auto is None:
         return
-    best = min(_executed(m, case.input) for m in singles)
-    assert _executed(auto, case.input) <= best, auto.fxfuse_report
+    best = min(executed_fusable(m, case.input) for m in singles)
+    assert executed_fusable(auto, case.input) <= best, auto.fxfuse_report
     kept = [c for c in auto.fxfuse_report.captures if c.kept]
     assert len(kept) == 1 and kept[0].capture == auto.fxfuse_report.capture
     assert all(c.code is not None for c in auto.fxfuse_report.captures if not c.kept)

@@ -47,3 +47,19 @@ def run_counting(model: Callable[..., Any], *inputs: Any, key: OpKey = op_name) 
 def executed_ops(model: Callable[..., Any], *inputs: Any) -> Counter:
     """``Counter`` of op name → times executed by one ``model(*inputs)`` (see :func:`op_name`)."""
     return run_counting(model, *inputs)[1]
+
+
+# The op classes a re-parameterizer removes: what ``capture="auto"`` minimizes and the benchmarks compare.
+FUSABLE_KINDS = ("conv", "batch_norm", "avg_pool")
+
+
+def executed_fusable(model: Callable[..., Any], *inputs: Any) -> int:
+    """Convs + BatchNorms + pools one ``model(*inputs)`` executes, counted as they run (whatever the capture, so a
+    sub-module fallback's untraced parts count too); classified by :func:`fxfuse.ir.ops.function_kind`."""
+    from ..ir.ops import function_kind
+
+    def kind(func: Callable[..., Any]) -> Optional[str]:
+        k = function_kind(func)
+        return k if k in FUSABLE_KINDS else None
+
+    return sum(run_counting(model, *inputs, key=kind)[1].values())
