@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture.state import MODULE_INTERNALS
-from .ir.graphs import eager_spellings, fetch, plain_calling_convention, standalone_copy
+from .ir.graphs import direct_input_guard, eager_spellings, fetch, plain_calling_convention, standalone_copy
 
 # Tensor methods that name a floating dtype: the lens calls ``double`` instead and the way back restores them.
 _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
@@ -91,6 +91,14 @@ def _graph_tensors(gm: fx.GraphModule) -> Iterator[Tuple[str, Tensor]]:
             seen.add(str(node.target))
             for t in reachable_tensors(fetch(gm, str(node.target))):
                 yield str(node.target), t
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No inf / NaN in ``t``: one reduction (min and max propagate both), no ``isfinite`` mask of ``t``'s size."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _as_like(value: Tensor, like: Tensor, requires_grad: Optional[bool] = None) -> Tensor:
@@ -228,7 +236,7 @@ class Lens:
                 dtype, name = new[id(t)]
                 cast = t.detach().to(dtype)
                 memo[id(t)] = _as_like(cast, t, t.requires_grad)
-                if t.dtype != cast.dtype and not bool(cast.isfinite().all()) and bool(t.isfinite().all()):
+                if t.dtype != cast.dtype and not _all_finite(cast) and _all_finite(t):
                     out.overflowed.append(f"{target}.{name} ({dtype_name(cast.dtype)})")
             elif t.is_floating_point() and t.dtype == torch.float64 and self.float64 \
                     and self.model_dtype != torch.float64:
@@ -238,6 +246,7 @@ class Lens:
         _restore(out.gm.graph, self.literals)
         eager_spellings(out.gm)
         plain_calling_convention(out.gm)
+        direct_input_guard(out.gm)
         out.gm.recompile()
         out.gm.eval()
         names = {id(t): n for n, t in itertools.chain(out.gm.named_parameters(), out.gm.named_buffers())}

@@ -66,14 +66,21 @@ class WeightGrowth:
         """``None`` when the kernels do not share their output-channel axis (e.g. a transposed conv)."""
         if fused.dim() != main.dim() or fused.dim() < 2 or fused.shape[0] != main.shape[0]:
             return None
-        # max |w| per output channel in one pass over each kernel (no |w| temporary; float64 only per channel)
-        f = torch.linalg.vector_norm(fused.detach().flatten(1), float("inf"), dim=1).to(torch.float64)
-        m = torch.linalg.vector_norm(main.detach().flatten(1), float("inf"), dim=1).to(torch.float64).to(f.device)
+        f = _max_abs_per_row(fused).to(torch.float64)
+        m = _max_abs_per_row(main).to(torch.float64).to(f.device)
         growth = torch.where(m > 0, f / m.clamp_min(1e-300), torch.where(f > 0, torch.inf, 1.0))
         median = float(growth.median())
         outliers = tuple(int(i) for i in torch.nonzero(growth > cls.OUTLIER_FACTOR * median).flatten()) \
             if median > 0 else ()
         return cls(module, int(growth.numel()), float(growth.max()), median, outliers)
+
+
+def _max_abs_per_row(w: Tensor) -> Tensor:
+    """max |w| per output channel without a |w| temporary (amax and amin reduce fast; an inf-norm is ~4x slower)."""
+    rows = w.detach().flatten(1)
+    if rows.shape[1] == 0:
+        return rows.new_zeros(rows.shape[0])
+    return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
 
 
 # op kind (fxfuse.ir.ops.op_kind) -> the GraphStats field counting it

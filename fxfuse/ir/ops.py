@@ -79,7 +79,12 @@ EXPORT_GUARD_MODULES = ("_guards_fn",)
 
 def is_input_guard(node: fx.Node) -> bool:
     """The input-shape guard ``torch.export`` puts in an unlifted module (``call_module _guards_fn``)."""
-    return node.op == "call_module" and node.target in EXPORT_GUARD_MODULES
+    return (node.op == "call_module" and node.target in EXPORT_GUARD_MODULES) or (
+        node.op == "call_function" and getattr(node.target, INPUT_GUARD_MARK, False))
+
+
+# Set on the guard function :func:`fxfuse.ir.graphs.direct_input_guard` calls directly.
+INPUT_GUARD_MARK = "_fxfuse_input_guard"
 
 
 # ------------------------------------------------------------------------------ no-ops in eval mode
