@@ -120,7 +120,9 @@ def reparametrize(
     work = model if inplace else _dtypes.shared_copy(model)
     work.eval()
     model_state = {id(t) for t in itertools.chain(work.parameters(), work.buffers())}
+    copied = time.perf_counter()
     own, own_error = run_original(work, args) if verify else (None, None)
+    ran = time.perf_counter()
     float64_outputs = _float64_outputs(work, args)
     if own_error is not None:
         if float64_outputs() is None:
@@ -135,7 +137,12 @@ def reparametrize(
     example = Example([Call(args, {}, own)], own_error, float64_outputs)
 
     def symbolic() -> Tuple[nn.Module, FusionReport]:
-        return rewrite_verified(trace(work), example, opts, model_state)
+        clock = time.perf_counter()
+        gm = trace(work)
+        captured = time.perf_counter() - clock
+        module, report = rewrite_verified(gm, example, opts, model_state)
+        report.phases = {"capture": captured, **report.phases}
+        return module, report
 
     def export() -> Tuple[nn.Module, FusionReport, _export.ExportCapture]:
         def faithful(gm: fx.GraphModule) -> bool:
@@ -147,6 +154,7 @@ def reparametrize(
         with attributes_preserved(work):
             captured = _export.capture(work, args, dynamic_shapes, faithful)
         module, report = rewrite_verified(captured.gm, example, opts, model_state)
+        report.phases = {"capture": captured.seconds, **report.phases}
         return module, report, captured
 
     def submodules(trace_error: Exception) -> Tuple[nn.Module, FusionReport]:
@@ -157,7 +165,8 @@ def reparametrize(
     report.warnings[:0] = notes
     result.eval()
     report.pass_seconds = time.perf_counter() - start
-    report.phases["total"] = report.pass_seconds
+    report.phases = {"copy": copied - start, "original run": ran - copied, **report.phases,
+                     "total": report.pass_seconds}
     result.fxfuse_report = report  # type: ignore[assignment]
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module and drops plain attributes except those listed here.

@@ -141,7 +141,10 @@ class FusionReport:
     capture: str = "symbolic"
     capture_reason: str = ""
     captures: List[CaptureAttempt] = field(default_factory=list)  # every capture tried, kept or dropped, and why
-    phases: Dict[str, float] = field(default_factory=dict)  # seconds per phase of the pass (capture, rules, …)
+    # seconds per phase of the pass, in order: copy (of the model's structure), original run (the reference in the
+    # model's dtype), capture, lens (float64 view + its reference run), shapes, rules, verify (float64 check), cast
+    # back (the returned module), artifact (its check), total; rollback attempts add to their phases
+    phases: Dict[str, float] = field(default_factory=dict)
     submodules: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     artifact_check: Optional[str] = None  # the returned model, run once in its own dtype (see reparametrize)

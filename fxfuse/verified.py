@@ -133,12 +133,16 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
         except Exception as exc:  # the captured graph does not run on the recorded inputs
             raise UnfaithfulTrace(f"the traced graph does not run ({type(exc).__name__}: "
                                   f"{(str(exc).splitlines() or [''])[0][:200]})") from exc
+        shapes = time.perf_counter() - start
 
         def reshape() -> None:
+            nonlocal shapes
+            clock = time.perf_counter()
             if not lens.float64:  # the graph runs in the model's dtypes: so must the fused layers it now calls
                 for mod, dt in ctx.live_new_modules():
                     mod.to(dt)
             propagate_shapes(fused, Call(lens.inputs(first.args), lens.inputs(first.kwargs), None))
+            shapes += time.perf_counter() - clock
 
         ctx = RewriteContext(fused, target.dtypes, target.default_dtype, target.requires_grad, reshape=reshape)
         result = run_rules(ctx, opts.rules, deny=deny, max_rewrites=max_rewrites)
@@ -147,7 +151,8 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
             for mod, dt in ctx.live_new_modules():
                 mod.to(dt)
         fused.recompile()
-        phases["rules"] = phases.get("rules", 0.0) + time.perf_counter() - start
+        phases["shapes"] = phases.get("shapes", 0.0) + shapes
+        phases["rules"] = phases.get("rules", 0.0) + time.perf_counter() - start - shapes
         return fused, result, ctx
 
     def judge(fused: fx.GraphModule, ctx: RewriteContext) -> _Judged:
@@ -166,7 +171,7 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
         phases["verify"] = phases.get("verify", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         returned = lens.back(fused, ctx.live_new_modules())
-        phases["return"] = phases.get("return", 0.0) + time.perf_counter() - start
+        phases["cast back"] = phases.get("cast back", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         first = calls[0]
         verdict = inspect(returned.gm, first.args, refs[0], first.output, example.error, opts.rtol, opts.atol,

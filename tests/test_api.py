@@ -91,3 +91,16 @@ def test_input_model_untouched_and_inplace():
 def test_verify_false_still_fuses():
     fused = fxfuse.reparametrize(repvgg_tiny(), torch.randn(1, 3, 32, 32), verify=False)
     assert fused.fxfuse_report.verified is None and stats(fused).batch_norms == 0
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_report_times_each_phase_of_the_pass(capture):
+    """``report.phases``: every phase of the pass in order, each a non-negative time, together within the total."""
+    torch.manual_seed(0)
+    model = models.randomize_batchnorm_(models.build("repvgg-tiny"), 0).eval()
+    rep = fxfuse.reparametrize(model, torch.randn(2, 3, 32, 32), capture=capture).fxfuse_report
+    assert list(rep.phases) == ["copy", "original run", "capture", "lens", "shapes", "rules", "verify", "cast back",
+                                "artifact", "total"]
+    assert all(v >= 0 for v in rep.phases.values())
+    assert rep.phases["total"] == rep.pass_seconds
+    assert sum(v for k, v in rep.phases.items() if k != "total") <= rep.pass_seconds

@@ -273,6 +273,8 @@ def test_explain_lists_fused_counts_and_stats():
     gflops = next(line.split() for line in lines if line.startswith("GFLOPs"))
     assert float(gflops[1]) > float(gflops[2]) > 0
     assert "verified: True in float64" in out
+    phases = next(line for line in lines if line.startswith("pass phases (s): "))
+    assert all(f"{k} " in phases for k in ("capture", "shapes", "rules", "verify", "cast back", "artifact", "total"))
 
 
 def test_explain_json_and_unfused_reasons():

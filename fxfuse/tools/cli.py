@@ -319,6 +319,8 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO, argv: Seque
     w = out.write
     w(f"model: {args.spec} ({loaded.kind}), input {tuple(shape)}, reparametrize pass {rep.pass_seconds:.2f} s\n")
     w(f"capture: {rep.capture} ({rep.capture_reason})\n")
+    if rep.phases:
+        w("pass phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in rep.phases.items()) + "\n")
     w(f"fused patterns ({rep.total_fused} rewrites):\n")
     for name, count in sorted(rep.fused.items()):
         w(f"  {name:<24} {count:>5}\n")
