@@ -200,7 +200,8 @@ class Lens:
             next((t.dtype for _, t in originals.values()), torch.get_default_dtype()))
         lens_gm = standalone_copy(gm, memo, class_name=type(gm).__name__)
         literals = _retarget(lens_gm.graph, torch.float64) if float64 else {}
-        lens_gm.recompile()
+        if literals:
+            lens_gm.recompile()
         return cls(lens_gm, float64, originals, literals, model_dtype, model_state or set())
 
     def inputs(self, args: Any) -> Any:

@@ -150,7 +150,6 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
         if not lens.float64:
             for mod, dt in ctx.live_new_modules():
                 mod.to(dt)
-        fused.recompile()
         phases["shapes"] = phases.get("shapes", 0.0) + shapes
         phases["rules"] = phases.get("rules", 0.0) + time.perf_counter() - start - shapes
         return fused, result, ctx
