@@ -111,6 +111,16 @@ ARITH_METHODS: Dict[str, Tuple[str, bool]] = {
     "div": ("div", False), "__truediv__": ("div", False), "div_": ("div", True)}
 
 
+def weighted_add(a: fx.Node, b: fx.Node, coef: float) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
+    """``(target, args, kwargs)`` of a call computing ``a + coef·b`` out of place (``a + b``, ``a - b``, else
+    ``torch.add(a, b, alpha=coef)``): what the rewrite context inserts for a merged sum."""
+    if coef == 1.0:
+        return operator.add, (a, b), {}
+    if coef == -1.0:
+        return operator.sub, (a, b), {}
+    return torch.add, (a, b), {"alpha": coef}
+
+
 # rsub(input, other, alpha=1) = other − alpha·input: ATen's spelling of ``c - t`` for a Python number ``c``.
 RSUB_FUNCS: Tuple[Callable[..., Any], ...] = (torch.rsub, aten.rsub.Scalar, aten.rsub.Tensor)
 
@@ -155,6 +165,8 @@ def binary(node: fx.Node) -> Optional[Binary]:
 
 
 # ------------------------------------------------------------------------------ views and metadata
+SPLIT = torch.split  # split(input, sizes, dim): what the rewrite context inserts to unstack channels
+GETITEM = operator.getitem  # getitem(tuple, i): one output of a tuple-returning node
 VIEW_METHODS = {"flatten", "reshape", "view", "reshape_as", "view_as"}
 PERMUTE_METHODS = {"permute"}
 PERMUTE_FUNCS = (torch.permute, aten.permute.default)

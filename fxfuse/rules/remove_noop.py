@@ -62,7 +62,6 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     kept = source
 
     def rewrite() -> None:
-        node.replace_all_uses_with(kept)
-        ctx.erase_unused(node)  # a no-op, even where the op table calls it impure (F.dropout)
+        ctx.bypass(node, kept)
 
     return rewrite
