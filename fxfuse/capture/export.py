@@ -81,7 +81,7 @@ def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
     def widen(t: Any, spec: Any) -> Any:
         for dim, marked in (spec.items() if isinstance(t, Tensor) and isinstance(spec, dict) else ()):
             if marked not in (None, torch.export.Dim.STATIC) and t.shape[dim] == 1:  # (size 0: no row to repeat)
-                t = torch.cat([t, t], dim=dim)
+                t = t.repeat_interleave(2, dim=dim)
         return t
 
     def one(a: Any, spec: Any) -> Any:

@@ -125,11 +125,11 @@ class RewriteContext:
         ndim = spec.ndim
         mod: nn.Module
         if spec.transposed:
-            transposed_cls: Any = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[ndim - 1]
+            transposed_cls: Any = ops.CONV_T_MODULES[ndim - 1]
             mod = transposed_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.output_padding, spec.groups, True, spec.dilation, device="meta")
         else:
-            conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+            conv_cls: Any = ops.CONV_MODULES[ndim - 1]
             mod = conv_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.dilation, spec.groups, True, spec.padding_mode, device="meta")
         weight = spec.weight.detach()
