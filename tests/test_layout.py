@@ -17,6 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxfuse"
 RULES = sorted((PACKAGE / "rules").glob("*.py"))
 NO_TARGETS = [*RULES, *sorted((PACKAGE / "rewrite").glob("*.py")), *sorted((PACKAGE / "capture").glob("*.py")),
               PACKAGE / "verified.py"]
+# fx surgery a rule would do itself: node / graph methods that edit, and node fields it would assign.
+SURGERY = {"replace_all_uses_with", "replace_input_with", "update_arg", "update_kwarg", "erase_node", "prepend",
+           "node_copy", "inserting_before", "inserting_after", "call_function", "call_module", "call_method",
+           "get_attr", "create_node"}
+NODE_FIELDS = {"meta", "args", "kwargs", "target", "op"}
 TARGET_MODULES = {"operator", "F", "aten"}  # modules whose attributes are op targets
 TARGET_TORCH = {"ops", "_assert", "split", "cat", "concat", "add", "sub", "mul", "div"}  # torch.<these>
 
@@ -37,6 +42,12 @@ def _findings(path: Path, *, graph: bool, targets: bool) -> List[str]:
             spelled = node.value.id in TARGET_MODULES or (node.value.id == "torch" and node.attr in TARGET_TORCH)
             if targets and spelled:
                 found.append(f"{path.name}:{node.lineno}: {_dotted(node)}")
+        if graph and isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SURGERY:
+            found.append(f"{path.name}:{node.lineno}: {_dotted(node.func)}()")
+        if graph and isinstance(node, (ast.Assign, ast.AugAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Attribute) and t.attr in NODE_FIELDS:
+                    found.append(f"{path.name}:{node.lineno}: {_dotted(t)} = …")
         if targets and isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
             if any(n in ("operator", "torch.nn.functional") for n in names if n):

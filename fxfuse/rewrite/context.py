@@ -9,9 +9,10 @@ The surgery methods, by what they do (each counted in :attr:`RewriteContext.coun
   :meth:`~RewriteContext.insert_linear`, :meth:`~RewriteContext.insert_constant` (a new module holding fused
   tensors), :meth:`~RewriteContext.insert_sum` (``Σ coef·term`` as out-of-place adds),
   :meth:`~RewriteContext.insert_split` (a split along one axis and its pieces), :meth:`~RewriteContext.copy_before`;
-* replace (``counts.replaced``, one per node whose users were rerouted): :meth:`~RewriteContext.replace` (a new
-  node computes what the old one did), :meth:`~RewriteContext.bypass` (the old node computed nothing: its users
-  read its input);
+* replace (``counts.replaced``, one per node whose users or inputs were rerouted): :meth:`~RewriteContext.replace`
+  (a new node computes what the old one did), :meth:`~RewriteContext.bypass` (the old node computed nothing: its
+  users read its input), :meth:`~RewriteContext.replace_input` (one user reads another input),
+  :meth:`~RewriteContext.set_arg` (a node's argument changes);
 * erase (``counts.erased``, one per node removed, including inputs that became dead with it):
   :meth:`~RewriteContext.erase_if_dead`, :meth:`~RewriteContext.erase_unused`, and the clean-up inside
   ``replace`` / ``bypass``.
@@ -153,15 +154,17 @@ class RewriteContext:
         return t
 
     def insert_conv(self, spec: ConvSpec, input: fx.Node, *, before: fx.Node, like: Optional[Tensor] = None,
-                    name: Optional[str] = None, same_shape: bool = True) -> fx.Node:
+                    name: Optional[str] = None, same_shape: bool = True, shape_of: Optional[fx.Node] = None) -> fx.Node:
         """Insert ``call_module(new conv holding spec)(input)`` before ``before``; returns the new node. With
-        ``same_shape`` its output shape is ``before``'s (else shapes are re-propagated before the next sweep)."""
+        ``same_shape`` its output shape is ``before``'s, or ``shape_of``'s when given (else shapes are re-propagated
+        before the next sweep)."""
         target = self._add_module(self.conv_module(spec, like), name or before.name, like)
         if like is not None and not spec.transposed:
             main = self._main_of.get(id(like), like)
             self._main_kernel[target] = main
             self._main_of[id(self.read.modules[target].weight)] = main
-        return self._insert(before, "call_module", target, (input,), meta=before.meta if same_shape else None)
+        meta = (shape_of or before).meta if same_shape else None
+        return self._insert(before, "call_module", target, (input,), meta=meta)
 
     def weight_growth(self) -> List[WeightGrowth]:
         """Per added conv still in the graph: its kernel's per-output-channel range vs the main branch's original
@@ -177,12 +180,15 @@ class RewriteContext:
         return out
 
     def insert_linear(self, weight: Tensor, bias: Tensor, input: fx.Node, *, before: fx.Node,
-                      like: Optional[Tensor] = None, name: Optional[str] = None) -> fx.Node:
+                      like: Optional[Tensor] = None, name: Optional[str] = None,
+                      shape_of: Optional[fx.Node] = None) -> fx.Node:
+        """Insert ``call_module(new nn.Linear(weight, bias))(input)`` before ``before``, with ``before``'s output
+        shape (``shape_of``'s when given); returns the new node."""
         mod = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
         mod.weight = nn.Parameter(self._own(weight.detach()))
         mod.bias = nn.Parameter(self._own(bias.detach().to(weight.device)))
         target = self._add_module(mod, name or before.name, like)
-        return self._insert(before, "call_module", target, (input,), meta=before.meta)
+        return self._insert(before, "call_module", target, (input,), meta=(shape_of or before).meta)
 
     def replace(self, old: fx.Node, new: fx.Node, consumed: Sequence[fx.Node] = ()) -> None:
         """Make ``new`` (same shape as ``old``) compute what ``old`` did; ``consumed`` nodes (intermediates
@@ -200,6 +206,19 @@ class RewriteContext:
             _hoist(new, min(moved, key=order.__getitem__), order)
         for n in (old, *consumed):
             self.erase_if_dead(n)
+
+    def replace_input(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """``user`` reads ``new`` where it read ``old`` (its other inputs and its users stay)."""
+        user.replace_input_with(old, new)
+        self.counts.replaced += 1
+
+    def set_arg(self, node: fx.Node, index: int, name: str, value: Any) -> None:
+        """Set ``node``'s argument ``index`` (or keyword ``name`` when it was passed by keyword) to ``value``."""
+        if len(node.args) > index:
+            node.update_arg(index, value)
+        else:
+            node.update_kwarg(name, value)
+        self.counts.replaced += 1
 
     def bypass(self, node: fx.Node, source: fx.Node) -> None:
         """``node`` computes nothing (an identity, eval dropout, ``t + 0``): its users read ``source`` instead, and
