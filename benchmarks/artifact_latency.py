@@ -8,7 +8,7 @@ re-parameterizer produces, holding the fused model's weights) under ``capture="s
 of interleaved ``torch.utils.benchmark`` rounds, the order rotating each round), with what each executes (convs +
 BatchNorms + pools) and holds (state-dict entries, parameter bytes). A ratio is meaningful where the executed ops
 are equal (column "same ops"). For the capture corpus
-(``fxfuse/models/wild.py``, no hand-written twin) the export artifact is timed against the symbolic one where
+(``fxfuse/models/wild/``, no hand-written twin) the export artifact is timed against the symbolic one where
 symbolic tracing captures the model whole. docs/benchmarks.md quotes a run.
 """
 

@@ -1,4 +1,4 @@
-"""Per-network counts on the capture corpus (fxfuse/models/wild.py): convs / BatchNorms / Linears executed by the
+"""Per-network counts on the capture corpus (fxfuse/models/wild/): convs / BatchNorms / Linears executed by the
 training-form model, by ``fxfuse.reparametrize`` with each capture, and by the hand-written deploy form; pass time.
 
     .venv/bin/python -m benchmarks.capture_corpus [--threads 1]

@@ -1,6 +1,6 @@
 """``capture="export"``: re-parameterization on the ATen graph ``torch.export`` captures (fxfuse.capture.export).
 
-The corpus of small networks written the way training-form code is written in the wild (fxfuse/models/wild.py: the
+The corpus of small networks written the way training-form code is written in the wild (fxfuse/models/wild/: the
 constructs that stop ``torch.fx`` symbolic tracing and weights generated in forward). Each must reach the structure
 of its hand-written deploy form (convs / BatchNorms / Linears executed, counted by the op table), equal in float64
 to 1e-10 of max|y| on the example and on another batch size (the batch dim stays dynamic), with BN statistics

@@ -1,4 +1,4 @@
-"""Forward-time dtype derivations (fxfuse/models/wild.py, ``DTYPE_CORPUS``): networks whose forward derives a dtype
+"""Forward-time dtype derivations (fxfuse/models/wild/, ``DTYPE_CORPUS``): networks whose forward derives a dtype
 from its input or its weights — ``torch.arange(n, dtype=x.dtype)`` grids cached per shape, DETR's sine position
 embedding, ``x.to(self.stem.conv.weight.dtype)``, ``torch.full(..., dtype=y.dtype)`` / ``new_tensor`` /
 ``new_ones`` / ``zeros_like``, a float32 buffer brought in with ``type_as``, ``torch.finfo(x.dtype).min`` — around

@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
-from ..ir.graphs import erase_if_dead, fresh_copy
+from ..ir.graphs import fresh_copy, prune
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
            "dynamic_shapes_of", "to_exported_program", "failure_text"]
@@ -81,7 +81,7 @@ def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
     def widen(t: Any, spec: Any) -> Any:
         for dim, marked in (spec.items() if isinstance(t, Tensor) and isinstance(spec, dict) else ()):
             if marked not in (None, torch.export.Dim.STATIC) and t.shape[dim] == 1:  # (size 0: no row to repeat)
-                t = torch.cat([t, t], dim=dim)
+                t = t.repeat_interleave(2, dim=dim)
         return t
 
     def one(a: Any, spec: Any) -> Any:
@@ -110,12 +110,7 @@ def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
            for node in ep.graph.nodes):
         ep = ep.run_decompositions({})
     gm = fresh_copy(ep.module())
-    modules = dict(gm.named_modules())
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "call_function" and node.target in TRACE_METADATA_CHECKS and not node.users:
-            gm.graph.erase_node(node)
-        elif node.op == "call_function":
-            erase_if_dead(node, modules)
+    prune(gm, drop=lambda node: node.target in TRACE_METADATA_CHECKS)
     gm.recompile()
     return gm
 

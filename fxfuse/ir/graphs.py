@@ -37,14 +37,27 @@ def is_erased(node: fx.Node) -> bool:
     return bool(getattr(node, "_erased", False))
 
 
-def erase_if_dead(node: fx.Node, modules: Any) -> None:
-    """Erase ``node`` (and, recursively, inputs that become dead) when it has no users and is pure."""
+def erase_if_dead(node: fx.Node, modules: Any) -> int:
+    """Erase ``node`` (and, recursively, inputs that become dead) when it has no users and is pure; returns how
+    many nodes were erased."""
     if is_erased(node) or node.users or not ops.is_pure(node, modules):
-        return
+        return 0
     inputs = list(node.all_input_nodes)
     node.graph.erase_node(node)
-    for inp in inputs:
-        erase_if_dead(inp, modules)
+    return 1 + sum(erase_if_dead(inp, modules) for inp in inputs)
+
+
+def prune(gm: fx.GraphModule, drop: Callable[[fx.Node], bool] = lambda node: False) -> None:
+    """Erase, last node first, the ``call_function`` nodes nothing uses that are pure or that ``drop`` names (the
+    export capture's clean-up; rewrites erase through :class:`fxfuse.rewrite.RewriteContext`)."""
+    modules = dict(gm.named_modules())
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function" or is_erased(node):
+            continue
+        if drop(node) and not node.users:
+            gm.graph.erase_node(node)
+        else:
+            erase_if_dead(node, modules)
 
 
 def fetch(root: nn.Module, target: str) -> Any:

@@ -20,7 +20,7 @@ from torch import fx, nn
 CONV_FUNCS: Dict[Callable[..., Any], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 CONV_T_FUNCS: Dict[Callable[..., Any], int] = {F.conv_transpose1d: 1, F.conv_transpose2d: 2,
                                                F.conv_transpose3d: 3}
-CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # indexed by spatial rank - 1
 CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LINEAR_FUNCS: Tuple[Callable[..., Any], ...] = (F.linear,)
 BATCH_NORM_FUNCS = (F.batch_norm,)
@@ -88,6 +88,7 @@ INPUT_GUARD_MARK = "_fxfuse_input_guard"
 
 
 # ------------------------------------------------------------------------------ no-ops in eval mode
+IDENTITY_MODULES = (nn.Identity,)
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                  aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -114,6 +115,16 @@ ARITH_METHODS: Dict[str, Tuple[str, bool]] = {
     "sub": ("sub", False), "__sub__": ("sub", False), "sub_": ("sub", True), "__isub__": ("sub", True),
     "mul": ("mul", False), "__mul__": ("mul", False), "mul_": ("mul", True),
     "div": ("div", False), "__truediv__": ("div", False), "div_": ("div", True)}
+
+
+def weighted_add(a: fx.Node, b: fx.Node, coef: float) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
+    """``(target, args, kwargs)`` of a call computing ``a + coef·b`` out of place (``a + b``, ``a - b``, else
+    ``torch.add(a, b, alpha=coef)``): what the rewrite context inserts for a merged sum."""
+    if coef == 1.0:
+        return operator.add, (a, b), {}
+    if coef == -1.0:
+        return operator.sub, (a, b), {}
+    return torch.add, (a, b), {"alpha": coef}
 
 
 # rsub(input, other, alpha=1) = other − alpha·input: ATen's spelling of ``c - t`` for a Python number ``c``.
@@ -160,6 +171,8 @@ def binary(node: fx.Node) -> Optional[Binary]:
 
 
 # ------------------------------------------------------------------------------ views and metadata
+SPLIT = torch.split  # split(input, sizes, dim): what the rewrite context inserts to unstack channels
+GETITEM = operator.getitem  # getitem(tuple, i): one output of a tuple-returning node
 VIEW_METHODS = {"flatten", "reshape", "view", "reshape_as", "view_as"}
 PERMUTE_METHODS = {"permute"}
 PERMUTE_FUNCS = (torch.permute, aten.permute.default)
@@ -176,6 +189,34 @@ META_FUNCS = (aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, 
               aten.sym_stride.default, aten.sym_storage_offset.default, aten._assert_tensor_metadata.default)
 ASSERT_FUNCS = (torch._assert, aten._assert_scalar.default, aten._assert_async.msg, aten._assert_async.default,
                 aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default)
+# ``torch._assert(condition, message)``: the model-zoo input check the ``shape_assert`` rule may remove.
+TORCH_ASSERT_FUNCS = (torch._assert,)
+# Python comparisons and logic on shape facts (``x.ndim == 4``, ``C in sizes``, ``a and b``): target -> evaluator.
+COMPARE_FUNCS: Dict[Callable[..., Any], Callable[[Any, Any], Any]] = {
+    operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
+    operator.gt: operator.gt, operator.ge: operator.ge, operator.and_: operator.and_, operator.or_: operator.or_,
+    operator.contains: operator.contains}
+NOT_FUNCS = (operator.not_,)
+RANK_METHODS = ("dim", "ndimension")  # x.dim(): the rank
+
+
+def is_attr_read(node: fx.Node, name: str) -> bool:
+    """``getattr(x, name)`` (``x.shape``, ``x.ndim`` in a symbolic graph)."""
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+        and isinstance(node.args[1], str) and node.args[1] == name
+
+
+def is_getitem(node: fx.Node, index: Any = None) -> bool:
+    """``x[i]`` (``operator.getitem``), with ``i == index`` unless ``index`` is None."""
+    return node.op == "call_function" and node.target is GETITEM and len(node.args) == 2 \
+        and (index is None or node.args[1] == index)
+
+
+def is_size_call(node: fx.Node, *dims: int) -> bool:
+    """``x.size(*dims)`` (``x.size()`` for no ``dims``)."""
+    return node.op == "call_method" and node.target == "size" and tuple(node.args[1:]) == dims and not node.kwargs
+
+
 # ``torch.export`` records, at each ``.to()`` / ``.double()`` / ``.float()``, the dtype and device its input had
 # while tracing: those of fxfuse's float64 working copy, which the returned model (cast back) no longer has.
 TRACE_METADATA_CHECKS = (aten._assert_tensor_metadata.default,)

@@ -2,11 +2,29 @@
 
 Fused parameters always go into *new* modules (nothing the model holds is mutated); nodes are erased only when
 dead and pure; metadata users (``x.shape`` …) of folded intermediates are handed to the fused node.
+
+The surgery methods, by what they do (each counted in :attr:`RewriteContext.counts`, a :class:`SurgeryCounts`):
+
+* insert (``counts.inserted``, one per node added): :meth:`~RewriteContext.insert_conv`,
+  :meth:`~RewriteContext.insert_linear`, :meth:`~RewriteContext.insert_constant` (a new module holding fused
+  tensors), :meth:`~RewriteContext.insert_sum` (``Σ coef·term`` as out-of-place adds),
+  :meth:`~RewriteContext.insert_split` (a split along one axis and its pieces), :meth:`~RewriteContext.copy_before`;
+* replace (``counts.replaced``, one per node whose users or inputs were rerouted): :meth:`~RewriteContext.replace`
+  (a new node computes what the old one did), :meth:`~RewriteContext.bypass` (the old node computed nothing: its
+  users read its input), :meth:`~RewriteContext.replace_input` (one user reads another input),
+  :meth:`~RewriteContext.set_arg` (a node's argument changes);
+* erase (``counts.erased``, one per node removed, including inputs that became dead with it):
+  :meth:`~RewriteContext.erase_if_dead`, :meth:`~RewriteContext.erase_unused`, and the clean-up inside
+  ``replace`` / ``bypass``.
+
+Rules never call ``ctx.graph`` themselves; the counters let a test check what a rewrite did to the graph (and that
+nothing else edited it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -17,6 +35,15 @@ from ..ir.graphs import erase_if_dead, is_erased
 from ..ir.read import Reader, shape_of
 from ..reasons import Reason
 from ..report import Unfused, WeightGrowth
+
+
+@dataclass
+class SurgeryCounts:
+    """How many nodes the surgery methods of one :class:`RewriteContext` added, rerouted and removed."""
+
+    inserted: int = 0
+    replaced: int = 0
+    erased: int = 0
 
 
 class RewriteContext:
@@ -40,6 +67,7 @@ class RewriteContext:
         # new conv module -> the main branch's original kernel (root of its `like` chain), for weight_growth()
         self._main_kernel: Dict[str, Tensor] = {}
         self._main_of: Dict[int, Tensor] = {}  # id(new conv weight) -> that kernel (read.modules keeps them alive)
+        self.counts = SurgeryCounts()
 
     # -- users -------------------------------------------------------------------------------------
     real_users = staticmethod(ops.real_users)
@@ -98,11 +126,11 @@ class RewriteContext:
         ndim = spec.ndim
         mod: nn.Module
         if spec.transposed:
-            transposed_cls: Any = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[ndim - 1]
+            transposed_cls: Any = ops.CONV_T_MODULES[ndim - 1]
             mod = transposed_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.output_padding, spec.groups, True, spec.dilation, device="meta")
         else:
-            conv_cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+            conv_cls: Any = ops.CONV_MODULES[ndim - 1]
             mod = conv_cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                       spec.dilation, spec.groups, True, spec.padding_mode, device="meta")
         weight = spec.weight.detach()
@@ -126,18 +154,17 @@ class RewriteContext:
         return t
 
     def insert_conv(self, spec: ConvSpec, input: fx.Node, *, before: fx.Node, like: Optional[Tensor] = None,
-                    name: Optional[str] = None, same_shape: bool = True) -> fx.Node:
+                    name: Optional[str] = None, same_shape: bool = True, shape_of: Optional[fx.Node] = None) -> fx.Node:
         """Insert ``call_module(new conv holding spec)(input)`` before ``before``; returns the new node. With
-        ``same_shape`` its output shape is ``before``'s (else shapes are re-propagated before the next sweep)."""
+        ``same_shape`` its output shape is ``before``'s, or ``shape_of``'s when given (else shapes are re-propagated
+        before the next sweep)."""
         target = self._add_module(self.conv_module(spec, like), name or before.name, like)
         if like is not None and not spec.transposed:
             main = self._main_of.get(id(like), like)
             self._main_kernel[target] = main
             self._main_of[id(self.read.modules[target].weight)] = main
-        with self.graph.inserting_before(before):
-            node = self.graph.call_module(target, (input,))
-        node.meta = dict(before.meta) if same_shape else {}
-        return node
+        meta = (shape_of or before).meta if same_shape else None
+        return self._insert(before, "call_module", target, (input,), meta=meta)
 
     def weight_growth(self) -> List[WeightGrowth]:
         """Per added conv still in the graph: its kernel's per-output-channel range vs the main branch's original
@@ -153,21 +180,22 @@ class RewriteContext:
         return out
 
     def insert_linear(self, weight: Tensor, bias: Tensor, input: fx.Node, *, before: fx.Node,
-                      like: Optional[Tensor] = None, name: Optional[str] = None) -> fx.Node:
+                      like: Optional[Tensor] = None, name: Optional[str] = None,
+                      shape_of: Optional[fx.Node] = None) -> fx.Node:
+        """Insert ``call_module(new nn.Linear(weight, bias))(input)`` before ``before``, with ``before``'s output
+        shape (``shape_of``'s when given); returns the new node."""
         mod = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
         mod.weight = nn.Parameter(self._own(weight.detach()))
         mod.bias = nn.Parameter(self._own(bias.detach().to(weight.device)))
         target = self._add_module(mod, name or before.name, like)
-        with self.graph.inserting_before(before):
-            node = self.graph.call_module(target, (input,))
-        node.meta = dict(before.meta)
-        return node
+        return self._insert(before, "call_module", target, (input,), meta=(shape_of or before).meta)
 
     def replace(self, old: fx.Node, new: fx.Node, consumed: Sequence[fx.Node] = ()) -> None:
         """Make ``new`` (same shape as ``old``) compute what ``old`` did; ``consumed`` nodes (intermediates
         folded into ``new``) hand their metadata users to ``new`` and are erased with ``old`` when dead."""
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
+        self.counts.replaced += 1
         moved = [u for c in consumed for u in list(c.users) if ops.is_metadata_user(u, c)]
         for c in consumed:
             for u in list(c.users):
@@ -177,7 +205,27 @@ class RewriteContext:
             order: Dict[fx.Node, float] = {n: float(i) for i, n in enumerate(self.graph.nodes)}
             _hoist(new, min(moved, key=order.__getitem__), order)
         for n in (old, *consumed):
-            erase_if_dead(n, self.read.modules)
+            self.erase_if_dead(n)
+
+    def replace_input(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """``user`` reads ``new`` where it read ``old`` (its other inputs and its users stay)."""
+        user.replace_input_with(old, new)
+        self.counts.replaced += 1
+
+    def set_arg(self, node: fx.Node, index: int, name: str, value: Any) -> None:
+        """Set ``node``'s argument ``index`` (or keyword ``name`` when it was passed by keyword) to ``value``."""
+        if len(node.args) > index:
+            node.update_arg(index, value)
+        else:
+            node.update_kwarg(name, value)
+        self.counts.replaced += 1
+
+    def bypass(self, node: fx.Node, source: fx.Node) -> None:
+        """``node`` computes nothing (an identity, eval dropout, ``t + 0``): its users read ``source`` instead, and
+        it is erased, even where the op table calls it impure (``F.dropout``)."""
+        node.replace_all_uses_with(source)
+        self.counts.replaced += 1
+        self.erase_unused(node)
 
     def live_new_modules(self) -> List[Tuple[nn.Module, torch.dtype]]:
         """Modules this pass added that survived later rewrites, with the dtype each must end up in."""
@@ -186,7 +234,7 @@ class RewriteContext:
 
     def erase_if_dead(self, node: fx.Node) -> None:
         """Erase ``node`` (and inputs that become dead) if nothing uses it and it is pure."""
-        erase_if_dead(node, self.read.modules)
+        self.counts.erased += erase_if_dead(node, self.read.modules)
 
     def erase_unused(self, node: fx.Node) -> None:
         """Erase ``node`` if nothing uses it, even if impure (an in-place op the caller proved harmless once its
@@ -195,6 +243,7 @@ class RewriteContext:
             return
         inputs = list(node.all_input_nodes)
         self.graph.erase_node(node)
+        self.counts.erased += 1
         for i in inputs:
             self.erase_if_dead(i)
 
@@ -205,10 +254,7 @@ class RewriteContext:
         holder = nn.Module()
         holder.value = nn.Parameter(self._own(value.detach()))
         target = self._add_module(holder, name or before.name, like)
-        with self.graph.inserting_before(before):
-            node = self.graph.get_attr(f"{target}.value")
-        node.meta = dict(before.meta)
-        return node
+        return self._insert(before, "get_attr", f"{target}.value", (), meta=before.meta)
 
     def copy_before(self, node: fx.Node, anchor: fx.Node, *, replacing: fx.Node, by: fx.Node) -> fx.Node:
         """A copy of ``node`` reading ``by`` where it read ``replacing``, inserted before ``anchor`` (its shape
@@ -216,7 +262,40 @@ class RewriteContext:
         copy = self.graph.node_copy(node, lambda n: by if n is replacing else n)
         anchor.prepend(copy)
         copy.meta = {}
+        self.counts.inserted += 1
         return copy
+
+    def insert_sum(self, terms: Sequence[Tuple[float, fx.Node]], *, before: fx.Node) -> fx.Node:
+        """``Σ coef·term`` as out-of-place adds before ``before``, each with ``before``'s metadata (same shape);
+        the first term's coefficient must be 1. Returns the last add (the first term if there is only one)."""
+        first_coef, acc = terms[0]
+        if first_coef != 1.0:
+            raise ValueError(f"insert_sum: the first term's coefficient must be 1, not {first_coef}")
+        for coef, term in terms[1:]:
+            target, args, kwargs = ops.weighted_add(acc, term, coef)
+            acc = self._insert(before, "call_function", target, args, kwargs, meta=before.meta)
+        return acc
+
+    def insert_split(self, input: fx.Node, sizes: Sequence[int], *, dim: int, before: fx.Node) -> List[fx.Node]:
+        """``input`` split along ``dim`` into pieces of ``sizes``, inserted before ``before``: one node per piece
+        (their shapes are unknown until the next propagation)."""
+        parts = self._insert(before, "call_function", ops.SPLIT, (input, list(sizes)), {"dim": dim})
+        return [self._insert(before, "call_function", ops.GETITEM, (parts, i)) for i in range(len(sizes))]
+
+    def in_graph_order(self, nodes: Iterable[fx.Node]) -> List[fx.Node]:
+        """``nodes`` sorted by their position in the graph."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted(nodes, key=order.__getitem__)
+
+    def _insert(self, before: fx.Node, op: str, target: Any, args: Tuple[Any, ...],
+                kwargs: Optional[Dict[str, Any]] = None, *, meta: Optional[Dict[str, Any]] = None) -> fx.Node:
+        """The one place a node is created: ``op`` / ``target`` / ``args`` before ``before``, with a copy of
+        ``meta`` (``None``: unknown shape, filled by the next propagation)."""
+        with self.graph.inserting_before(before):
+            node = self.graph.create_node(op, target, args, kwargs)
+        node.meta = dict(meta) if meta is not None else {}
+        self.counts.inserted += 1
+        return node
 
     is_erased = staticmethod(is_erased)
 

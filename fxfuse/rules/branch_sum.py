@@ -8,7 +8,6 @@ same input with equal stride and window centre are summed on one tap grid after 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -171,7 +170,7 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         for b in leftovers:
             pieces.append((b.coef, b.node if b.node is not None else b.input))
         pieces.extend(others)
-        result = _emit_sum(ctx, pieces, before=node)
+        result = ctx.insert_sum(pieces, before=node)  # merged layers first: their coefficient is 1
         ctx.replace(node, result, consumed=consumed)
         # In-place adds (``a.add_(b)``) are impure, so replace() keeps them; left in the graph they would still
         # mutate a term the new sum reads (counting it twice) and be matched again next sweep. _flatten proved
@@ -207,18 +206,3 @@ def _merge_linears(ctx: RewriteContext, terms: List[Tuple[float, fx.Node]], chai
         merges.append((weight, bias, members[0][2].input, members[0][2].like, [t for _, t, _ in members]))
     return merges, rest
 
-
-def _emit_sum(ctx: RewriteContext, pieces: List[Tuple[float, fx.Node]], before: fx.Node) -> fx.Node:
-    """``Σ coef·piece`` as out-of-place adds (the first piece has coefficient 1: merged convs come first)."""
-    acc = pieces[0][1]
-    assert pieces[0][0] == 1.0
-    with ctx.graph.inserting_before(before):
-        for coef, piece in pieces[1:]:
-            if coef == 1.0:
-                acc = ctx.graph.call_function(operator.add, (acc, piece))
-            elif coef == -1.0:
-                acc = ctx.graph.call_function(operator.sub, (acc, piece))
-            else:
-                acc = ctx.graph.call_function(torch.add, (acc, piece), {"alpha": coef})
-            acc.meta = dict(before.meta)
-    return acc

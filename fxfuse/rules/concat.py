@@ -64,7 +64,7 @@ def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         if len(new_args) == 1:
             ctx.replace(node, new_args[0], consumed=consumed)
             return
-        node.update_arg(0, new_args) if node.args else node.update_kwarg("tensors", new_args)
+        ctx.set_arg(node, 0, "tensors", new_args)
         for c in consumed:
             ctx.erase_if_dead(c)
 

@@ -88,11 +88,12 @@ def _through_permute(ctx: RewriteContext, node: fx.Node, read: AffineRead, sourc
 
     def rewrite() -> None:
         if linear is not None:
-            new = ctx.insert_linear(weight, bias, linear.input, before=permute, like=linear.like, name=source.name)
+            new = ctx.insert_linear(weight, bias, linear.input, before=permute, like=linear.like, name=source.name,
+                                    shape_of=source)
         else:
-            new = ctx.insert_conv(spec, conv.input, before=permute, like=conv.like, name=source.name)
-        new.meta = dict(source.meta)
-        permute.replace_input_with(source, new)
+            new = ctx.insert_conv(spec, conv.input, before=permute, like=conv.like, name=source.name,
+                                  shape_of=source)
+        ctx.replace_input(permute, source, new)
         ctx.replace(node, permute, consumed=[source])
 
     return rewrite

@@ -7,10 +7,8 @@ after every other rule has reached its fixed point, so it never hides a merge th
 
 from __future__ import annotations
 
-import operator
 from typing import Dict, List, Optional
 
-import torch
 from torch import fx
 
 from ..ir import folds
@@ -34,17 +32,14 @@ def horizontal(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
 
     def rewrite() -> None:
         for members in runs:
-            order = {n: i for i, n in enumerate(ctx.graph.nodes)}
-            members = sorted(members, key=lambda m: order[m[0]])
-            first = members[0][0]
-            spec = folds.stack_parallel([r.spec for _, r in members])
-            merged = ctx.insert_conv(spec, node, before=first, like=members[0][1].like, name=first.name,
+            reads = dict(members)
+            users = ctx.in_graph_order(reads)
+            first = users[0]
+            spec = folds.stack_parallel([reads[u].spec for u in users])
+            merged = ctx.insert_conv(spec, node, before=first, like=reads[first].like, name=first.name,
                                      same_shape=False)
-            sizes = [r.spec.out_channels for _, r in members]
-            with ctx.graph.inserting_before(first):
-                parts = ctx.graph.call_function(torch.split, (merged, sizes), {"dim": 1})
-                pieces = [ctx.graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-            for (user, _), piece in zip(members, pieces):
+            pieces = ctx.insert_split(merged, [reads[u].spec.out_channels for u in users], dim=1, before=first)
+            for user, piece in zip(users, pieces):
                 ctx.replace(user, piece)
 
     return rewrite

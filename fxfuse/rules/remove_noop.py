@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import fx, nn
+from torch import fx
 
 from ..ir import ops
 from ..ir.read import arg
@@ -50,7 +50,7 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     first = node.args[0] if node.args else None
     source: Optional[fx.Node] = None
     if isinstance(first, fx.Node) and len(node.args) == 1 and not node.kwargs \
-            and (isinstance(mod, nn.Identity) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training)):
+            and (isinstance(mod, ops.IDENTITY_MODULES) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training)):
         source = first
     elif isinstance(first, fx.Node) and node.op == "call_function" and node.target in ops.DROPOUT_FUNCS \
             and arg(node, 2, "training", node.kwargs.get("train", True)) is False:  # (ATen: `train`)
@@ -62,7 +62,6 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     kept = source
 
     def rewrite() -> None:
-        node.replace_all_uses_with(kept)
-        ctx.erase_unused(node)  # a no-op, even where the op table calls it impure (F.dropout)
+        ctx.bypass(node, kept)
 
     return rewrite

@@ -11,10 +11,8 @@ or on anything else are kept.
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Optional
 
-import torch
 from torch import fx
 
 from ..ir import ops
@@ -22,10 +20,6 @@ from ..ir.read import ConvRead, arg
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
 _UNKNOWN = object()
-_COMPARE: Dict[Callable[..., Any], Callable[[Any, Any], Any]] = {
-    operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
-    operator.gt: operator.gt, operator.ge: operator.ge, operator.and_: operator.and_, operator.or_: operator.or_,
-    operator.contains: operator.contains}
 
 
 def _after_conv(ctx: RewriteContext, node: fx.Node, seen: Optional[set] = None) -> bool:
@@ -58,26 +52,23 @@ def _value(ctx: RewriteContext, a: Any) -> Any:
     """The value of ``a`` if the graph guarantees it for every accepted input, else ``_UNKNOWN``."""
     if not isinstance(a, fx.Node):
         return a if isinstance(a, (bool, int, float, str, tuple)) else _UNKNOWN
-    if a.op == "call_function" and a.target is getattr and len(a.args) == 2 and a.args[1] == "ndim":
+    if ops.is_attr_read(a, "ndim"):
         return _rank(ctx, a.args[0])
-    if a.op == "call_method" and a.target in ("dim", "ndimension") and len(a.args) == 1:
+    if a.op == "call_method" and a.target in ops.RANK_METHODS and len(a.args) == 1:
         return _rank(ctx, a.args[0])
-    if a.op == "call_method" and a.target == "size" and len(a.args) == 2 and a.args[1] == 1:
+    if ops.is_size_call(a, 1):
         return _channels(ctx, a.args[0])
-    if a.op == "call_function" and a.target is operator.getitem and a.args[1] == 1:
+    if ops.is_getitem(a, 1):
         src = a.args[0]
-        if isinstance(src, fx.Node) and ((src.op == "call_function" and src.target is getattr
-                                          and src.args[1] == "shape")
-                                         or (src.op == "call_method" and src.target == "size"
-                                             and len(src.args) == 1)):
+        if isinstance(src, fx.Node) and (ops.is_attr_read(src, "shape") or ops.is_size_call(src)):
             return _channels(ctx, src.args[0])
         return _UNKNOWN
-    if a.op == "call_function" and a.target in _COMPARE and len(a.args) == 2 and not a.kwargs:
+    if a.op == "call_function" and a.target in ops.COMPARE_FUNCS and len(a.args) == 2 and not a.kwargs:
         left, right = _value(ctx, a.args[0]), _value(ctx, a.args[1])
         if left is _UNKNOWN or right is _UNKNOWN:
             return _UNKNOWN
-        return _COMPARE[a.target](left, right)
-    if a.op == "call_function" and a.target is operator.not_ and len(a.args) == 1:
+        return ops.COMPARE_FUNCS[a.target](left, right)
+    if a.op == "call_function" and a.target in ops.NOT_FUNCS and len(a.args) == 1:
         inner = _value(ctx, a.args[0])
         return _UNKNOWN if inner is _UNKNOWN else not inner
     return _UNKNOWN
@@ -86,7 +77,7 @@ def _value(ctx: RewriteContext, a: Any) -> Any:
 @register_rule("shape_assert")
 def shape_assert(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Remove ``torch._assert(cond, msg)`` when the graph guarantees ``cond``."""
-    if node.op != "call_function" or node.target is not torch._assert or node.users:
+    if node.op != "call_function" or node.target not in ops.TORCH_ASSERT_FUNCS or node.users:
         return None
     cond = arg(node, 0, "condition")
     if not isinstance(cond, fx.Node) or _value(ctx, cond) is not True:
