@@ -12,33 +12,36 @@ the code of the condition that keeps the op: the reader's refusal (batch statist
 from __future__ import annotations
 
 import operator
-from typing import Optional, Set, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from torch import fx
 
 from ..ir import ops
 from ..ir.read import AffineRead, ConvRead, Refusal
 from ..reasons import Reason
+from ..report import Unfused
 from .context import RewriteContext
 
 AUDIT = "residue"  # the rule name of the entries the audit adds (not a registered rule)
 
 
-def audit(ctx: RewriteContext, listed: Set[str]) -> None:
+def audit(ctx: RewriteContext, reported: Sequence[Unfused]) -> None:
     """Record (as rule :data:`AUDIT`, through ``ctx.skip``) every fusable-kind op left in the graph whose node no
-    entry in ``listed`` (node names already reported) names."""
+    entry of ``reported`` (what the rules reported) names."""
     ctx.begin_rule(AUDIT)
-    listed = set(listed)
+    listed: Dict[str, Unfused] = {}
+    for u in reported:
+        listed.setdefault(u.node, u)
     for node in list(ctx.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method") or node.name in listed:
             continue
         found = _residue(ctx, node, listed)
         if found is not None:
             ctx.skip(node, *found)
-            listed.add(node.name)
+            listed[node.name] = ctx.skips[(AUDIT, node.name)]
 
 
-def _residue(ctx: RewriteContext, node: fx.Node, listed: Set[str]) -> Optional[Tuple[Reason, str]]:
+def _residue(ctx: RewriteContext, node: fx.Node, listed: Dict[str, Unfused]) -> Optional[Tuple[Reason, str]]:
     kind = ops.op_kind(node, ctx.read.modules)
     if kind == "avg_pool":
         return _pool_in_sum(ctx, node)
@@ -47,9 +50,9 @@ def _residue(ctx: RewriteContext, node: fx.Node, listed: Set[str]) -> Optional[T
         return None  # the output of a tuple BatchNorm: the BatchNorm node itself is audited
     read = ctx.read.affine(node)
     if kind == "batch_norm":
-        if any(u.name in listed for u in node.users):  # a tuple BatchNorm whose output a rule reported
-            return None
         outputs = ops.tuple_outputs(node)
+        if outputs and any(u.name in listed for u in outputs):  # a tuple BatchNorm whose output a rule reported
+            return None
         if read is None and outputs:  # a tuple BatchNorm: the reader reads its output 0
             read = ctx.read.affine(outputs[0])
         if read is None:
@@ -63,6 +66,10 @@ def _residue(ctx: RewriteContext, node: fx.Node, listed: Set[str]) -> Optional[T
     before = read.input
     users = ops.real_users(node)
     layers = [n for n in (before, *users) if _is_layer(ctx, n)]
+    for n in layers:  # a rule reported the pair on the layer's node (bn_conv skips the conv)
+        if n.name in listed:
+            u = listed[n.name]
+            return u.code, f"{node.name} stays with {n.name}: [{u.rule}] {u.reason}"
     if layers:
         return Reason.NOT_MATCHED, (f"{node.name} is next to {', '.join(n.name for n in layers)}, but no enabled "
                                     "rule folds this pair")

@@ -41,7 +41,7 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: AbstractSet[s
             _sweep(ctx, members, deny, max_rewrites, max_sweeps, applied, fused)
             skips.update(ctx.skips)
     ctx.skips.clear()
-    audit(ctx, {u.node for u in skips.values()})  # never silent: name every fusable-kind op left (rewrite/audit.py)
+    audit(ctx, list(skips.values()))  # never silent: name every fusable-kind op left (rewrite/audit.py)
     skips.update(ctx.skips)
     ctx.graph.lint()
     ctx.gm.recompile()
