@@ -96,6 +96,9 @@ def _affine_over_pool(ctx: RewriteContext, coef: float, term: fx.Node) -> Option
         affine = read.affine if affine is None else folds.affine_then_affine(read.affine, affine)
         below = read.input
         if below.op == "placeholder" or ctx.single_user(below) is not cur:
+            if below.op != "placeholder" and ctx.read.avg_pool(below) is not None:
+                ctx.skip(term, Reason.OTHER_USERS, f"{term.name} reads {below.name}, which has other users "
+                                                   f"({', '.join(u.name for u in ctx.real_users(below))})")
             return None
         cur = below
         under.append(cur)

@@ -507,3 +507,20 @@ def test_lone_bn_after_pool_is_left_and_named():
 def test_wrong_merge_is_rolled_back_and_fails_the_checker(monkeypatch):
     fused = assert_wrong_rewrite_caught(monkeypatch, "branch_sum", ACBlock(4), torch.randn(2, 4, 6, 6))
     assert stats(fused).convs == 3 and stats(fused).adds == 2
+
+
+def test_pool_branch_whose_pool_is_read_elsewhere_stays():
+    """The pool's output is also returned: folding BN(pool) into the sum would not remove the pool; reported."""
+    class Returned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, 1, 1, groups=4), _bn(4)
+            self.pool, self.pbn = nn.AvgPool2d(3, 1, 1), _bn(4)
+
+        def forward(self, x):
+            p = self.pool(x)
+            return self.bn(self.conv(x)) + self.pbn(p), p
+
+    fused = fuse_and_check(Returned(), torch.randn(2, 4, 6, 6))
+    assert (stats(fused).pools, stats(fused).batch_norms) == (1, 1)
+    assert_skipped(fused, "branch_sum", Reason.OTHER_USERS, "has other users")
