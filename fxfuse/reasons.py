@@ -29,6 +29,9 @@ class Reason(str, Enum):
     ALIASING = "aliasing"  # an in-place write on a tensor that is read again or may alias another
     NOT_LINEAR = "not_linear"  # the op next to the candidate is not a linear map the fold can compose with
     ROLLED_BACK = "rolled_back"  # the rewrite was undone by verification (see FusionReport.rollbacks)
+    NO_PARTNER = "no_partner"  # nothing to fold it into: a per-channel affine with no conv / linear layer beside it,
+    # a pool or affine term of a sum with no conv branch on its input
+    NOT_MATCHED = "not_matched"  # an op of a fusable kind next to a layer, but no enabled rule matched the pattern
 
     # -- a rewrite rolled back (FusionReport.rollbacks[i].code)
     OUTPUT_CHANGED = "output_changed"  # the float64 check of the rewritten graph failed

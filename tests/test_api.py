@@ -30,7 +30,10 @@ def test_public_names():
 def test_rules_subset_only_folds_bn():
     fused = fuse_and_check(models.build("repvgg-tiny"), torch.randn(1, 3, 32, 32), rules=["conv_bn"])
     assert set(fused_counts(fused)) == {"conv_bn"} and stats(fused).adds > 0 and stats(fused).batch_norms == 3
-    assert {u.rule for u in fused.fxfuse_report.unfused} <= {"conv_bn"}  # no other rule even looked
+    unfused = fused.fxfuse_report.unfused
+    assert {u.rule for u in unfused} <= {"conv_bn", "residue"}  # no other rule even looked
+    # the three identity-branch BNs branch_sum would have merged are still named (never silent)
+    assert len({u.node for u in unfused if u.rule == "residue"}) == 3
 
 
 def test_disable_branch_sum():

@@ -245,3 +245,17 @@ def test_failed_shape_propagation_prints_nothing(capfd: pytest.CaptureFixture) -
         propagate_shapes(gm, Call((torch.randn(2, 3),), {}, None))
     out, err = capfd.readouterr()
     assert out == "" and err == "", err
+
+
+# ------------------------------------------------------------------------ DBB pool branches, depthwise
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_dbb_mobile_net_executes_exactly_its_plain_twin_ops(capture: str) -> None:
+    """Depthwise DBB units with BN(avg_pool) branches (stride 1 and 2): no pool, BN or add is left."""
+    model = models.randomize_batchnorm_(models.DBBMobileNet(widths=(8, 16, 16), strides=(1, 2, 1)), 0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = fxfuse.reparametrize(model, x, capture=capture)
+    def compute(m: nn.Module) -> dict:  # (an exported graph also runs its input-shape guard: _assert, size)
+        return {k: v for k, v in executed_ops(m, x).items() if k not in ("_assert", "size")}
+
+    assert compute(fused) == compute(models.plain_twin(model)), fused.fxfuse_report
+    assert fused.fxfuse_report.unfused == [] and fused.fxfuse_report.rolled_back == []

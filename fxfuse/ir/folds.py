@@ -73,6 +73,12 @@ def conv_then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec:
     return spec.with_(weight=new_w, bias=affine.scale * spec.bias + affine.shift)
 
 
+def affine_then_affine(inner: ChannelAffine, outer: ChannelAffine) -> ChannelAffine:
+    """``outer ∘ inner`` per channel: ``a = a₂·a₁``, ``c = a₂·c₁ + c₂`` (a BN followed by a layer scale)."""
+    outer = _on(outer, inner.scale)
+    return ChannelAffine(outer.scale * inner.scale, outer.scale * inner.shift + outer.shift)
+
+
 def linear_then_affine(weight: Tensor, bias: Tensor, affine: ChannelAffine) -> tuple[Tensor, Tensor]:
     """``affine ∘ linear``: ``W' = a[:, None]·W``, ``b' = a·b + c``."""
     affine = _on(affine, weight)

@@ -269,6 +269,15 @@ def tuple_outputs(node: fx.Node) -> Optional[list[fx.Node]]:
     return users
 
 
+def tuple_output_of(node: fx.Node) -> bool:
+    """Whether ``node`` is ``getitem(bn, 0)`` of a tuple-returning ATen BatchNorm (its output)."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return False
+    op, index = node.args
+    return isinstance(op, fx.Node) and op.op == "call_function" and op.target in BATCH_NORM_TUPLE \
+        and isinstance(index, int) and index == 0
+
+
 def aten_is_pure(target: Any) -> bool:
     """An ATen op that writes nothing, draws no random numbers and asserts nothing."""
     return (not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags

@@ -15,6 +15,7 @@ from .blocks import (
     MobileOneNet,
     MobileOneUnit,
 )
+from .dbb_mobile import DBBDepthwiseUnit, DBBMobileBlock, DBBMobileNet
 from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
 from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
@@ -27,6 +28,9 @@ __all__ = [
     "BNAfterSumNet",
     "BNAndPad",
     "DBBBlock",
+    "DBBDepthwiseUnit",
+    "DBBMobileBlock",
+    "DBBMobileNet",
     "DBBNet",
     "MobileOneBlock",
     "MobileOneNet",

@@ -94,7 +94,9 @@ class RewriteContext:
         sentence. Returns ``None`` (``return ctx.skip(...)`` is the rule idiom)."""
         if not isinstance(code, Reason):
             raise TypeError(f"ctx.skip(node, code, reason): code must be a fxfuse.Reason, not {code!r}")
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        op = node.args[0] if ops.tuple_output_of(node) and isinstance(node.args[0], fx.Node) else node
+        # (a tuple BatchNorm's output is named by the BatchNorm, not ``getitem``)
+        target = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", str(op.target))
         self.skips[(self.rule, node.name)] = Unfused(self.rule, node.name, str(target), code, reason)
         return None
 

@@ -13,6 +13,7 @@ from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 from ..reasons import Reason
 from ..report import Unfused
+from .audit import audit
 from .context import RewriteContext
 from .registry import PHASES, Rule
 
@@ -39,6 +40,9 @@ def run_rules(ctx: RewriteContext, rules: Sequence[Rule], *, deny: AbstractSet[s
         if members:
             _sweep(ctx, members, deny, max_rewrites, max_sweeps, applied, fused)
             skips.update(ctx.skips)
+    ctx.skips.clear()
+    audit(ctx, list(skips.values()))  # never silent: name every fusable-kind op left (rewrite/audit.py)
+    skips.update(ctx.skips)
     ctx.graph.lint()
     ctx.gm.recompile()
     return PassResult(applied, fused, list(skips.values()))

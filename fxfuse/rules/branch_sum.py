@@ -2,9 +2,11 @@
 
 A sum (``a + b``, ``b + a``, ``a += b``, ``torch.add(a, b, alpha=k)``, ``a.add(b)``, ``a - b`` and chains of
 them) is flattened into terms ``coef · t``. Each term is read as a linear op of some input — a conv, an avg-pool,
-a per-channel affine such as BatchNorm (depthwise 1x1), or the tensor itself (Dirac identity) — and terms on the
-same input with equal stride and window centre are summed on one tap grid after expanding to
-``gcd(groups)`` (docs/patterns.md, `branch_sum`). Terms that do not merge stay as they were."""
+a per-channel affine such as BatchNorm (depthwise 1x1), a BatchNorm / affine after an avg-pool (the pool's kernel
+scaled per channel: DBB's pool branch), or the tensor itself (Dirac identity) — and terms on the same input with
+equal stride and window centre are summed on one tap grid after expanding to ``gcd(groups)`` (docs/patterns.md,
+`branch_sum`). Pool and affine terms merge only next to a conv branch. Terms that do not merge stay as they were,
+and every pool or affine among them is reported with why."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 from torch import Tensor, fx
 
 from ..ir import folds
-from ..ir.algebra import ConvSpec
+from ..ir.algebra import ChannelAffine, ConvSpec, Refusal
 from ..ir.ops import returns_fresh_storage
-from ..ir.read import ConvRead, LinearRead
+from ..ir.read import AffineRead, ConvRead, LinearRead
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
@@ -38,6 +40,8 @@ class Branch:
     like: Optional[Tensor]
     node: Optional[fx.Node]  # the term node folded away (None for an identity term)
     coef: float
+    kind: str = "identity"  # the read: conv, avg_pool, affine (BN / x·c + d as a 1x1), affine_pool, identity
+    under: Tuple[fx.Node, ...] = ()  # nodes below ``node`` folded with it (the affines and pool of affine_pool)
 
 
 def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[float, fx.Node]], List[fx.Node]]]:
@@ -76,10 +80,50 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
     return (terms, inner) if visit(root, 1.0) else None
 
 
+def _affine_over_pool(ctx: RewriteContext, coef: float, term: fx.Node) -> Optional[Branch]:
+    """``a_n(…a_1(avg_pool(x)))`` (per-channel affines along the channels — BN, ``x·c + d`` — each the only user
+    of the one below) read as one depthwise conv on ``x``: the pool's ``1/∏k`` kernel scaled by the composed ``a``,
+    bias the composed shift. Exact when the pool is a conv (``count_include_pad=True``, no ``ceil_mode`` or
+    ``divisor_override``); a pool that is not is reported with its reader's code. ``None``: not this pattern."""
+    affine: Optional[ChannelAffine] = None
+    under: List[fx.Node] = []
+    cur = term
+    while True:
+        read = ctx.read.affine(cur)
+        if not isinstance(read, AffineRead) or read.axis != 1 or read.ndim < 3:
+            break
+        affine = read.affine if affine is None else folds.affine_then_affine(read.affine, affine)
+        below = read.input
+        if below.op == "placeholder" or ctx.single_user(below) is not cur:
+            if below.op != "placeholder" and ctx.read.avg_pool(below) is not None:
+                ctx.skip(term, Reason.OTHER_USERS, f"{term.name} reads {below.name}, which has other users "
+                                                   f"({', '.join(u.name for u in ctx.real_users(below))})")
+            return None
+        cur = below
+        under.append(cur)
+    if affine is None or not under:
+        return None
+    pool = ctx.read.avg_pool(cur)
+    if isinstance(pool, Refusal):
+        for n in (cur, term):
+            ctx.skip(n, pool.code, f"{term.name} reads {cur.name}, which is not a conv: {pool.reason}")
+        return None
+    if pool is None:
+        return None
+    spec = folds.scale_conv(folds.conv_then_affine(pool.spec, affine), coef)
+    return Branch(pool.input, spec, False, None, term, coef, "affine_pool", tuple(under))
+
+
 def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, shape) -> Branch:
     read = ctx.read.as_conv(term)
-    if (isinstance(read, ConvRead) and read.kind != "conv_transpose" and ctx.single_user(term) in chain
-            and term.op != "placeholder"):
+    usable = ctx.single_user(term) in chain and term.op != "placeholder"
+    if usable and isinstance(read, Refusal) and ctx.read.avg_pool(term) is not None:
+        ctx.skip(term, read.code, f"{term.name} is not a conv: {read.reason}")
+    if usable and isinstance(read, ConvRead) and read.kind == "affine":
+        pooled = _affine_over_pool(ctx, coef, term)
+        if pooled is not None:
+            return pooled
+    if isinstance(read, ConvRead) and read.kind != "conv_transpose" and usable:
         source, spec = read.input, read.spec
         crop = ctx.read.crop(source)
         if crop is not None and ctx.single_user(source) is term:
@@ -88,9 +132,20 @@ def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, sh
                 source, spec = crop[0], folds.uncrop(spec, crop[1])
             else:
                 ctx.skip(term, refusal.code, refusal.reason)
-        return Branch(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef)
+        return Branch(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef, read.kind)
     spec = folds.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
     return Branch(term, folds.scale_conv(spec, coef), False, None, None, coef)
+
+
+def _report_leftovers(ctx: RewriteContext, leftovers: List[Tuple[Branch, Reason, str]]) -> None:
+    """Every pool or per-channel affine term that stays in the sum is named with why (never silent): the term, and
+    for an affine over a pool the pool too."""
+    for b, code, reason in leftovers:
+        if b.node is None or b.kind not in ("avg_pool", "affine", "affine_pool"):
+            continue
+        for n in (b.node, *b.under[-1:]):
+            if (ctx.rule, n.name) not in ctx.skips:  # a more specific reason given while reading the term stands
+                ctx.skip(n, code, f"{b.node.name} stays a separate term of the sum: {reason}")
 
 
 @register_rule("branch_sum")
@@ -121,27 +176,32 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         groups.setdefault(b.input, []).append(b)
 
     merges: List[Tuple[ConvSpec, fx.Node, Optional[Tensor], List[Branch]]] = []
-    leftovers: List[Branch] = []
+    leftovers: List[Tuple[Branch, Reason, str]] = []  # with the code and sentence of why each stays
     for source, branches in groups.items():
         by_geometry: Dict[tuple, List[Branch]] = {}
         for b in branches:
             by_geometry.setdefault((b.spec.stride, b.spec.centre(), b.spec.padding_mode), []).append(b)
+        geos = ", ".join(f"stride {s} centre {c}" for s, c, _ in by_geometry)
         if len(branches) > 1 and any(b.is_conv for b in branches) and len(by_geometry) > 1:
-            geos = ", ".join(f"stride {s} centre {c}" for s, c, _ in by_geometry)
             ctx.skip(node, Reason.TAP_GRID, f"branches on {source.name} do not share one tap grid ({geos})")
         for part in by_geometry.values():
             if len(part) < 2 or not any(b.is_conv for b in part):
-                leftovers.extend(part)
+                if any(b.is_conv for b in branches):
+                    why = (Reason.TAP_GRID, f"its window is not on the tap grid of the convs on {source.name} "
+                                            f"({geos})")
+                else:
+                    why = (Reason.NO_PARTNER, f"no conv branch reads {source.name}")
+                leftovers.extend((b, *why) for b in part)
                 continue
             refusal = folds.why_not_on_one_grid([b.spec for b in part])
             if refusal is not None:
                 ctx.skip(node, refusal.code, refusal.reason)
-                leftovers.extend(part)
+                leftovers.extend((b, refusal.code, refusal.reason) for b in part)
                 continue
             merged = folds.sum_parallel([b.spec for b in part])
             if merged.weight.numel() > sum(b.spec.weight.numel() for b in part):
-                ctx.skip(node, Reason.MORE_WORK,
-                         f"merging these branches would increase the work (groups expand to {merged.groups})")
+                more = f"merging these branches would increase the work (groups expand to {merged.groups})"
+                ctx.skip(node, Reason.MORE_WORK, more)
                 # Branches of identical geometry still merge for free (the merged kernel is the size of one).
                 same: Dict[tuple, List[Branch]] = {}
                 for b in part:
@@ -151,10 +211,11 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
                         merges.append((folds.sum_parallel([b.spec for b in sub]), source,
                                        next(b.like for b in sub if b.is_conv), sub))
                     else:
-                        leftovers.extend(sub)
+                        leftovers.extend((b, Reason.MORE_WORK, more) for b in sub)
                 continue
             like = next(b.like for b in part if b.is_conv)
             merges.append((merged, source, like, part))
+    _report_leftovers(ctx, leftovers)
     if not merges and not linear_merges:
         return None
 
@@ -167,7 +228,8 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         for _i, (spec, source, like, part) in enumerate(merges):
             pieces.append((1.0, ctx.insert_conv(spec, source, before=node, like=like, name=node.name)))
             consumed.extend(b.node for b in part if b.node is not None)
-        for b in leftovers:
+            consumed.extend(n for b in part for n in b.under)
+        for b, _, _ in leftovers:
             pieces.append((b.coef, b.node if b.node is not None else b.input))
         pieces.extend(others)
         result = ctx.insert_sum(pieces, before=node)  # merged layers first: their coefficient is 1

@@ -336,10 +336,191 @@ def test_merge_that_adds_work_is_skipped():
 def test_avgpool_without_count_include_pad_is_not_a_conv():
     fused = fuse_and_check(AvgNoPadCount(), torch.randn(2, 3, 6, 6))
     assert stats(fused).pools == 1 and stats(fused).adds == 1
-    assert_not_fired(fused, "branch_sum")
+    assert_skipped(fused, "branch_sum", Reason.POOL_NOT_LINEAR, "is not a conv", "count_include_pad")
+
+
+# ------------------------------------------------------------------- BN(avg-pool) branches (DBB's pool branch)
+def _bn(c):
+    return nn.BatchNorm2d(c)  # statistics and affine parameters are randomized by fuse_and_check
+
+
+class PoolBranchBlock(nn.Module):
+    """``bn3(conv_k(x)) + bn1(conv1x1(x)) + post(avg_pool(x))``: DBB's pool branch, depthwise (MobileNet-style) or
+    dense; ``post`` is ``bn`` (BN), ``none``, ``scale`` (BN then a per-channel ``x·γ + β``) or ``twice`` (BN, BN)."""
+
+    def __init__(self, c, k, stride, depthwise, post, pool_k=3, pool_pad=None, cip=True, ceil=False,
+                 pool_stride=None, spellings=("a+b", "a+b"), one_by_one=True):
+        super().__init__()
+        g = c if depthwise else 1
+        self.spellings = spellings
+        self.conv = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=g, bias=False), _bn(c))
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, stride, 0, groups=g, bias=False), _bn(c)) if one_by_one else None
+        pad = pool_k // 2 if pool_pad is None else pool_pad
+        self.pool = nn.AvgPool2d(pool_k, stride if pool_stride is None else pool_stride, pad, ceil_mode=ceil,
+                                 count_include_pad=cip)
+        self.post = post
+        self.bns = nn.ModuleList([_bn(c) for _ in range({"none": 0, "bn": 1, "scale": 1, "twice": 2}[post])])
+        self.gamma = nn.Parameter(torch.randn(1, c, 1, 1))
+        self.beta = nn.Parameter(torch.randn(1, c, 1, 1))
+
+    def forward(self, x):
+        p = self.pool(x)
+        for bn in self.bns:
+            p = bn(p)
+        if self.post == "scale":
+            p = p * self.gamma + self.beta
+        out = self.conv(x)
+        if self.pw is not None:
+            out = combine(out, self.pw(x), self.spellings[0])
+        return combine(out, p, self.spellings[1])
+
+
+@st.composite
+def pool_blocks(draw):
+    depthwise = draw(st.booleans())
+    c = draw(st.integers(1, 4)) * (1 if depthwise else draw(st.integers(1, 2)))
+    k = draw(st.sampled_from([3, 5]))
+    stride = draw(st.sampled_from([1, 2]))
+    post = draw(st.sampled_from(["bn", "bn", "none", "scale", "twice"]))
+    pool_k = draw(st.sampled_from([3, k]))
+    spellings = tuple(draw(st.sampled_from(["a+b", "b+a", "torch.add", "Tensor.add", "alpha", "sub"]))
+                      for _ in range(2))
+    size = draw(st.integers(5, 10))
+    model = PoolBranchBlock(c, k, stride, depthwise, post, pool_k, spellings=spellings,
+                            one_by_one=draw(st.booleans()))
+    return model, torch.randn(draw(st.integers(1, 2)), c, size, size)
+
+
+@settings(max_examples=budget(10), deadline=None)
+@given(pool_blocks())
+def test_bn_after_avg_pool_branch_merges(case):
+    """BN(avg_pool(x)) (and BN·γ+β, BN∘BN, a bare pool) is the pool's 1/k² kernel scaled per channel: one conv."""
+    model, x = case
+    fused = fuse_and_check(model, x, second=torch.randn(1, *x.shape[1:3], x.shape[3] + 1))
+    s = stats(fused)
+    assert (s.convs, s.batch_norms, s.pools, s.adds) == (1, 0, 0, 0), fused.code
+    assert fused_counts(fused)["branch_sum"] >= 1
+    assert not [u for u in fused.fxfuse_report.unfused], fused.fxfuse_report
+
+
+def test_unpadded_pool_without_count_include_pad_is_a_conv():
+    """Unpadded, count_include_pad=False divides every window by k²: exact as a conv, so it merges."""
+    class Valid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, 2, 0, groups=4), _bn(4)
+            self.pool, self.pbn = nn.AvgPool2d(3, 2, 0, count_include_pad=False), _bn(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.pbn(self.pool(x))
+
+    fused = fuse_and_check(Valid(), torch.randn(2, 4, 9, 9))
+    s = stats(fused)
+    assert (s.convs, s.batch_norms, s.pools, s.adds) == (1, 0, 0, 0)
+
+
+UNFUSABLE_POOLS = [  # (id, PoolBranchBlock keyword arguments, code, fragment of the sentence)
+    ("no-pad-count", dict(cip=False), Reason.POOL_NOT_LINEAR, "count_include_pad"),
+    ("ceil-mode", dict(ceil=True, pool_k=2, pool_pad=0, stride=2, k=3), Reason.POOL_NOT_LINEAR, "ceil_mode"),
+    # conv stride 1 (3x3, unpadded) and pool 2x2/2 padded 1: both give 4x4 on a 6x6 input, on different grids
+    ("stride", dict(pool_k=2, pool_pad=1, pool_stride=2, stride=1, k=3), Reason.TAP_GRID, "tap grid"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "code", "fragment"), [u[1:] for u in UNFUSABLE_POOLS],
+                         ids=[u[0] for u in UNFUSABLE_POOLS])
+def test_pool_branch_that_is_no_conv_stays_and_is_named(kwargs, code, fragment):
+    args = dict(c=4, k=3, stride=1, depthwise=True, post="bn")
+    args.update(kwargs)
+    model = PoolBranchBlock(**args)
+    if fragment == "tap grid":
+        model.conv[0].padding, model.pw = (0, 0), None
+    fused = fuse_and_check(model, torch.randn(2, 4, 6, 6))
+    s = stats(fused)
+    assert (s.pools, s.batch_norms) == (1, 1), fused.code
+    report = fused.fxfuse_report
+    assert report.rolled_back == []
+    named = {u.node: u.code for u in report.unfused if u.rule == "branch_sum"}
+    pool = next(n for n in fused.graph.nodes if stats_kind(fused, n) == "avg_pool")
+    bn = next(n for n in fused.graph.nodes if stats_kind(fused, n) == "batch_norm")
+    assert named.get(pool.name) is code and bn.name in named, report
+    assert any(fragment in u.reason for u in report.unfused if u.node == pool.name), report
+
+
+def stats_kind(gm, node):
+    from fxfuse.ir.ops import op_kind
+
+    return op_kind(node, dict(gm.named_modules()))
+
+
+class ConvBnPoolChain(nn.Module):
+    """DBB's 1x1 → avg-pool branch written without BN-and-pad: ``bn(avg(pre(conv1x1(x))))`` + a 3x3 conv-BN;
+    ``pre`` a BN (its shift is read by the pool's zero padding: not one conv) or nothing (composes)."""
+
+    def __init__(self, c=4, pre_bn=True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, 1, 1, bias=False), _bn(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.pre = _bn(c) if pre_bn else nn.Identity()
+        self.pool, self.pbn = nn.AvgPool2d(3, 1, 1), _bn(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.pbn(self.pool(self.pre(self.pw(x))))
+
+
+def test_pool_after_bias_free_pointwise_composes_into_the_sum():
+    fused = fuse_and_check(ConvBnPoolChain(pre_bn=False), torch.randn(2, 4, 7, 7))
+    s = stats(fused)
+    assert (s.convs, s.batch_norms, s.pools, s.adds) == (1, 0, 0, 0), fused.code
+
+
+def test_pool_after_conv_bn_with_padding_stays_and_is_named():
+    """avg_pool(p=1) of conv1x1 + BN shift: the border windows average the shift with zeros, so this is no conv of
+    x; the pool and its BN stay, and the report names both."""
+    fused = fuse_and_check(ConvBnPoolChain(pre_bn=True), torch.randn(2, 4, 7, 7))
+    s = stats(fused)
+    assert (s.pools, s.batch_norms) == (1, 1), fused.code
+    report = fused.fxfuse_report
+    assert report.rolled_back == []
+    assert_skipped(fused, "sequential", Reason.PADDING)
+    bn = next(n for n in fused.graph.nodes if stats_kind(fused, n) == "batch_norm")
+    assert any(u.node == bn.name for u in report.unfused), report
+
+
+def test_lone_bn_after_pool_is_left_and_named():
+    """Not in a sum: pool + BN stay (no depthwise conv is made of them), and the report says so."""
+    class Lone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.bn = nn.AvgPool2d(3, 1, 1), _bn(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.pool(torch.relu(x))))
+
+    fused = fuse_and_check(Lone(), torch.randn(2, 4, 6, 6))
+    assert (stats(fused).pools, stats(fused).batch_norms) == (1, 1)
+    bn = next(n for n in fused.graph.nodes if stats_kind(fused, n) == "batch_norm")
+    assert [u.code for u in fused.fxfuse_report.unfused if u.node == bn.name] == [Reason.NO_PARTNER]
 
 
 # ---------------------------------------------------------------------------------------- errors
 def test_wrong_merge_is_rolled_back_and_fails_the_checker(monkeypatch):
     fused = assert_wrong_rewrite_caught(monkeypatch, "branch_sum", ACBlock(4), torch.randn(2, 4, 6, 6))
     assert stats(fused).convs == 3 and stats(fused).adds == 2
+
+
+def test_pool_branch_whose_pool_is_read_elsewhere_stays():
+    """The pool's output is also returned: folding BN(pool) into the sum would not remove the pool; reported."""
+    class Returned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, 1, 1, groups=4), _bn(4)
+            self.pool, self.pbn = nn.AvgPool2d(3, 1, 1), _bn(4)
+
+        def forward(self, x):
+            p = self.pool(x)
+            return self.bn(self.conv(x)) + self.pbn(p), p
+
+    fused = fuse_and_check(Returned(), torch.randn(2, 4, 6, 6))
+    assert (stats(fused).pools, stats(fused).batch_norms) == (1, 1)
+    assert_skipped(fused, "branch_sum", Reason.OTHER_USERS, "has other users")

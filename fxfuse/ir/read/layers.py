@@ -285,8 +285,8 @@ class LayerReads(ReaderBase):
 
     # -- pooling and padding -------------------------------------------------------------------
     def avg_pool(self, node: fx.Node) -> Union[ConvRead, Refusal, None]:
-        """``AvgPoolNd`` as a depthwise conv; exact only for ``count_include_pad=True, ceil_mode=False``, no
-        ``divisor_override`` (docs/patterns.md, "avg-pool as a conv")."""
+        """``AvgPoolNd`` as a depthwise conv; exact only for ``ceil_mode=False``, no ``divisor_override``, and
+        ``count_include_pad=True`` or zero padding (docs/patterns.md, "avg-pool as a conv")."""
         mod = self.module(node)
         if mod is not None and type(mod) in ops.AVG_POOL_MODULES:
             ndim = ops.AVG_POOL_MODULES[type(mod)]
@@ -303,11 +303,14 @@ class LayerReads(ReaderBase):
             return None
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
-        if not cip or ceil or div is not None:
-            return Refusal(Reason.POOL_NOT_LINEAR, "avg_pool is a conv only with count_include_pad=True, "
-                           "ceil_mode=False and no divisor_override")
+        if any(isinstance(v, fx.Node) for v in (k, s, p)):
+            return None
+        if (not cip and any(as_tuple(p, ndim))) or ceil or div is not None:
+            # count_include_pad=False divides border windows by the taps inside: exact as a conv only unpadded
+            return Refusal(Reason.POOL_NOT_LINEAR, "avg_pool is a conv only with ceil_mode=False, no "
+                           "divisor_override, and count_include_pad=True or no padding")
         shape = shape_of(node.args[0])
-        if shape is None or len(shape) != ndim + 2 or any(isinstance(v, fx.Node) for v in (k, s, p)):
+        if shape is None or len(shape) != ndim + 2:
             return None
         spec = K.avg_pool_as_conv(shape[1], as_tuple(k, ndim), as_tuple(s, ndim), as_tuple(p, ndim),
                                   device=self.device)
