@@ -51,10 +51,10 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
         assert parsed is not None
         operands, in_place = parsed.terms, parsed.in_place
         if in_place:
-            target = node.args[0]
+            target = operands[0][1]  # the written operand
             chain = [target]  # an in-place add on an in-place add's result writes the same storage
-            while isinstance(target, fx.Node) and (p := ctx.read.sum(target)) is not None and p.in_place:
-                target = target.args[0]
+            while (p := ctx.read.sum(target)) is not None and p.in_place:
+                target = p.terms[0][1]
                 chain.append(target)
             if not returns_fresh_storage(target, ctx.read.modules):
                 ctx.skip(root, Reason.ALIASING,
