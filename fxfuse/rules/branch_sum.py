@@ -21,6 +21,7 @@ from ..ir.read import ConvRead, LinearRead
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
+
 def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
     cur = anchor.next
     while cur.op != "root":
@@ -167,8 +168,7 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         for _i, (spec, source, like, part) in enumerate(merges):
             pieces.append((1.0, ctx.insert_conv(spec, source, before=node, like=like, name=node.name)))
             consumed.extend(b.node for b in part if b.node is not None)
-        for b in leftovers:
-            pieces.append((b.coef, b.node if b.node is not None else b.input))
+        pieces.extend((b.coef, b.node if b.node is not None else b.input) for b in leftovers)
         pieces.extend(others)
         result = ctx.insert_sum(pieces, before=node)  # merged layers first: their coefficient is 1
         ctx.replace(node, result, consumed=consumed)

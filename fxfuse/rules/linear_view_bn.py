@@ -17,6 +17,7 @@ from ..ir.read import AffineRead, arg_node
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
+
 @register_rule("linear_view_bn")
 def linear_view_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """``view_back(bn(view(linear(x))))`` with views that only merge leading axes."""

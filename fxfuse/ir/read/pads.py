@@ -164,7 +164,7 @@ class PadReads(ReaderBase):
             if p and not covered.get(axis + 2, set()) >= set(range(p)) | set(range(size - p, size)):
                 return None  # part of the border keeps the zero padding
         assert values is not None
-        return ValuedPad(x, cur, tuple(padding), values.to(self.device), tuple([*nodes, cur]))
+        return ValuedPad(x, cur, tuple(padding), values.to(self.device), (*nodes, cur))
 
     def _slice_write(self, node: fx.Node) -> Optional[Tuple[fx.Node, list, list]]:
         """``slice_scatter(base, src, dim, start, end)`` writing a constant (``copy(view, c)``, ``fill(view, c)``
