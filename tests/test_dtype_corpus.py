@@ -206,7 +206,7 @@ def _params() -> List[Any]:
             for n in DTYPE_CORPUS for c in CAPTURES for d in DTYPES]
 
 
-@pytest.mark.parametrize("name,capture,dtype_name", _params())
+@pytest.mark.parametrize(("name", "capture", "dtype_name"), _params())
 def test_dtype_derivation_fuses_and_keeps_the_dtypes(name: str, capture: str, dtype_name: str) -> None:
     dtype = DTYPES[dtype_name]
     model, fused, x, other = fused_case(name, capture, dtype_name)
@@ -235,7 +235,7 @@ def test_dtype_derivation_fuses_and_keeps_the_dtypes(name: str, capture: str, dt
     assert executed(fused, x) == expected, f"expected (convs, BNs, linears) {expected}\n{report}"
 
 
-@pytest.mark.parametrize("name,dtype_name", [pytest.param(n, d, marks=pytest.mark.slow if _slow("auto", d) else ())
+@pytest.mark.parametrize(("name", "dtype_name"), [pytest.param(n, d, marks=pytest.mark.slow if _slow("auto", d) else ())
                                              for n in DTYPE_CORPUS for d in DTYPES])
 def test_auto_is_no_worse_than_the_single_captures(name: str, dtype_name: str) -> None:
     """(iv) ``capture="auto"`` executes no more convs + BNs than the best of symbolic / export that succeeds."""

@@ -45,9 +45,9 @@ def _findings(path: Path, *, graph: bool, targets: bool) -> List[str]:
         if graph and isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SURGERY:
             found.append(f"{path.name}:{node.lineno}: {_dotted(node.func)}()")
         if graph and isinstance(node, (ast.Assign, ast.AugAssign)):
-            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(t, ast.Attribute) and t.attr in NODE_FIELDS:
-                    found.append(f"{path.name}:{node.lineno}: {_dotted(t)} = …")
+            assigned = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found.extend(f"{path.name}:{node.lineno}: {_dotted(t)} = …" for t in assigned
+                         if isinstance(t, ast.Attribute) and t.attr in NODE_FIELDS)
         if targets and isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
             if any(n in ("operator", "torch.nn.functional") for n in names if n):

@@ -17,8 +17,8 @@ from torch import fx, nn
 
 import fxfuse
 from fxfuse import Reason, RewriteContext
-from fxfuse.models import build, default_input_shape, plain_twin, randomize_batchnorm_
 from fxfuse.ir import ops
+from fxfuse.models import build, default_input_shape, plain_twin, randomize_batchnorm_
 from fxfuse.testing import assert_close_f64, op_counts
 from fxfuse.tools.executed_ops import executed_fusable
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
+from test_fuzz import Case, random_nets
 from torch import nn
 
 import fxfuse
@@ -26,7 +27,6 @@ from fxfuse.testing import randomize_batchnorm_
 from fxfuse.tools.executed_ops import run_counting
 
 from _helpers import budget
-from test_fuzz import Case, random_nets
 
 CAPTURES = ("auto", "export")
 

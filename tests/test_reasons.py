@@ -149,7 +149,8 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("make, reader, code, fragment", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(("make", "reader", "code", "fragment"), [r[1:] for r in REFUSALS],
+                         ids=[r[0] for r in REFUSALS])
 def test_reader_refusal_codes(make, reader, code, fragment):
     """Each refusal site of the readers (module and functional spellings; the ATen spellings are covered by the
     rule tests under ``capture="export"``) gives its code with its sentence."""

@@ -23,7 +23,6 @@ from benchmarks.zoo_timm import ModelSource, TimmRow
 from benchmarks.zoo_timm.__main__ import main
 from benchmarks.zoo_timm.render import header, provenance
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -220,10 +219,10 @@ def _same(a, b) -> bool:
 
 
 def _row(name, status="ok", **kw) -> TimmRow:
-    base = dict(params=1_500_000, capture="symbolic", max_rel_error=1e-7, deploy_rel_error=0.0, float32_noise=2e-8,
-                tolerance=1e-4,
-                convs=[10, 6, 6], bns=[10, 0, 4], pass_s=0.25, date="2026-01-02 03:04 UTC",
-                source="fxfuse at commit abc1234", versions={"timm": "1.0.0", "torch": "2.9"}, threads=1)
+    base = {"params": 1_500_000, "capture": "symbolic", "max_rel_error": 1e-7, "deploy_rel_error": 0.0,
+            "float32_noise": 2e-8, "tolerance": 1e-4,
+            "convs": [10, 6, 6], "bns": [10, 0, 4], "pass_s": 0.25, "date": "2026-01-02 03:04 UTC",
+            "source": "fxfuse at commit abc1234", "versions": {"timm": "1.0.0", "torch": "2.9"}, "threads": 1}
     base.update(kw)
     return TimmRow(name, status=status, **base)
 
@@ -253,7 +252,8 @@ def test_sweep_resumes_from_the_cache(tmp_path) -> None:
         return fxfuse.reparametrize(model, x, capture=capture)
 
     lines = []
-    kw = dict(cache=cache, timeout=0, fuse=counting_fuse, log=lines.append, stamp={"date": "D", "threads": 1})
+    kw = {"cache": cache, "timeout": 0, "fuse": counting_fuse, "log": lines.append,
+          "stamp": {"date": "D", "threads": 1}}
     rows = zoo_timm.run_sweep(["convbn", "fixed224"], source, **kw)
     assert [r.status for r in rows] == ["ok", "n.a."] and calls == ["auto"]
     assert lines[0].startswith("[1/2] convbn: ok | capture symbolic | conv+BN 4 → 2 (timm deploy 4) | err ")
@@ -343,7 +343,7 @@ def test_timm_source_counts_on_meta_and_deploy_on_timm_blocks() -> None:
     own RepVGG and MobileOne blocks (built directly: a zoo model takes seconds) is checked against timm's deploy
     conversion, which fuses its branches: fxfuse must reach at least as few convs + BNs."""
     timm = pytest.importorskip("timm")
-    from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
     source = zoo_timm.timm_source()
     assert source.versions == {"timm": timm.__version__}
@@ -354,7 +354,7 @@ def test_timm_source_counts_on_meta_and_deploy_on_timm_blocks() -> None:
     def tiny(name, **kwargs):
         cfg = ByoModelCfg(blocks=(ByoBlockCfg(type="rep", d=2, c=8, s=2, gs=0, br=1.0),
                                   ByoBlockCfg(type="one", d=1, c=16, s=2, gs=1, br=1.0,
-                                              block_kwargs=dict(num_conv_branches=2))),
+                                              block_kwargs={"num_conv_branches": 2})),
                           stem_chs=8, stem_type="rep", stem_pool="", num_features=0)
         return ByobNet(cfg, num_classes=5, **kwargs)
 

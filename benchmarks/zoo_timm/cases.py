@@ -125,7 +125,7 @@ def deployed(source: ModelSource, model: nn.Module) -> nn.Module:
 def parse_count(text: str) -> int:
     """``"60M"`` / ``"1.5G"`` / ``"60e6"`` / ``"60000000"`` → an int."""
     text = text.strip()
-    scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], None)
+    scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:])
     value = float(text[:-1]) * scale if scale else float(text)
     return int(value)
 

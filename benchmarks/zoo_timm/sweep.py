@@ -147,10 +147,7 @@ def run_sweep(names: Sequence[str], source: ModelSource, *, cache: Path, size: i
         def check(on_phase: Optional[Callable[[str, TimmRow], None]] = None, name: str = name) -> TimmRow:
             return check_model(name, source, size=size, max_params=max_params, fuse=fuse, on_phase=on_phase)
 
-        if timeout > 0:
-            row = run_isolated(check, name, timeout, threads)
-        else:
-            row = check()
+        row = run_isolated(check, name, timeout, threads) if timeout > 0 else check()
         row.size, row.max_params = size, max_params
         for key, value in (stamp or {}).items():
             setattr(row, key, value)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
 from ..ir.graphs import fresh_copy, prune
+from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
            "dynamic_shapes_of", "to_exported_program", "failure_text"]

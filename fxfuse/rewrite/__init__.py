@@ -3,8 +3,17 @@
 
 from .context import RewriteContext
 from .driver import PassResult, run_rules
-from .registry import PHASES, Rewrite, Rule, RuleFn, RuleLike, register_rule, registered_rules, resolve_rules, \
-    unregister_rule
+from .registry import (
+    PHASES,
+    Rewrite,
+    Rule,
+    RuleFn,
+    RuleLike,
+    register_rule,
+    registered_rules,
+    resolve_rules,
+    unregister_rule,
+)
 
 __all__ = ["PHASES", "PassResult", "Rewrite", "RewriteContext", "Rule", "RuleFn", "RuleLike", "register_rule",
            "registered_rules", "resolve_rules", "run_rules", "unregister_rule"]

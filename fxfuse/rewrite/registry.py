@@ -79,7 +79,7 @@ def register_rule(name: Optional[str] = None, *, enabled: bool = True, phase: st
         if rule_name in _RULES or anchor is None:
             _RULES[rule_name] = rule
             return fn
-        items = [(k, v) for k, v in _RULES.items()]
+        items = list(_RULES.items())
         at = [k for k, _ in items].index(anchor) + (0 if before is not None else 1)
         items.insert(at, (rule_name, rule))
         _RULES.clear()

@@ -44,7 +44,7 @@ def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if ctx.single_user(source) is not first:
         others = ", ".join(u.name for u in ctx.real_users(source) if u is not first)
         return ctx.skip(node, Reason.OTHER_USERS, f"the affine {source.name} before it also feeds {others}")
-    if conv is not None:
+    if isinstance(conv, ConvRead):
         if read.axis != 1:
             return ctx.skip(node, Reason.AXIS, "the affine before this conv is not along its input channels")
         refusal = folds.why_not_affine_then_conv(read.affine, conv.spec)
@@ -60,6 +60,8 @@ def bn_conv(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             ctx.replace(node, new, consumed=[*pads, source])
 
         return rewrite
+    if linear is None:
+        return None
 
     weight, bias = folds.affine_then_linear(read.affine, linear.weight, linear.bias)
 

@@ -23,6 +23,7 @@ from ..ir.read import AffineRead, ConvRead, LinearRead
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
+
 def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
     cur = anchor.next
     while cur.op != "root":
@@ -55,10 +56,10 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
         assert parsed is not None
         operands, in_place = parsed.terms, parsed.in_place
         if in_place:
-            target = node.args[0]
+            target = operands[0][1]  # the written operand
             chain = [target]  # an in-place add on an in-place add's result writes the same storage
-            while isinstance(target, fx.Node) and (p := ctx.read.sum(target)) is not None and p.in_place:
-                target = target.args[0]
+            while (p := ctx.read.sum(target)) is not None and p.in_place:
+                target = p.terms[0][1]
                 chain.append(target)
             if not returns_fresh_storage(target, ctx.read.modules):
                 ctx.skip(root, Reason.ALIASING,
@@ -229,8 +230,7 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             pieces.append((1.0, ctx.insert_conv(spec, source, before=node, like=like, name=node.name)))
             consumed.extend(b.node for b in part if b.node is not None)
             consumed.extend(n for b in part for n in b.under)
-        for b, _, _ in leftovers:
-            pieces.append((b.coef, b.node if b.node is not None else b.input))
+        pieces.extend((b.coef, b.node if b.node is not None else b.input) for b, _, _ in leftovers)
         pieces.extend(others)
         result = ctx.insert_sum(pieces, before=node)  # merged layers first: their coefficient is 1
         ctx.replace(node, result, consumed=consumed)

@@ -35,16 +35,18 @@ def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         r = ctx.read.conv(t) if isinstance(t, fx.Node) else None
         ok = (isinstance(r, ConvRead) and r.kind == "conv" and r.spec.groups == 1 and r.spec.padding_mode == "zeros"
               and list(t.users) == [node] and list(tensors).count(t) == 1)
-        reads.append(r if ok else None)
-    runs: List[Tuple[int, int]] = []
+        reads.append(r if ok and isinstance(r, ConvRead) else None)  # (isinstance again: for mypy)
+    runs: List[Tuple[int, int, List[ConvRead]]] = []  # (start, stop, the convs of tensors[start:stop])
     i = 0
     while i < len(tensors):
         j = i + 1
-        if reads[i] is not None:
-            while j < len(tensors) and reads[j] is not None and _key(reads[j]) == _key(reads[i]):
-                j += 1
+        first = reads[i]
+        members: List[ConvRead] = [] if first is None else [first]
+        while first is not None and j < len(tensors) and (r := reads[j]) is not None and _key(r) == _key(first):
+            members.append(r)
+            j += 1
         if j - i > 1:
-            runs.append((i, j))
+            runs.append((i, j, members))
         i = j
     if not runs:
         return None
@@ -53,10 +55,10 @@ def concat(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         new_args: list = []
         consumed: List[fx.Node] = []
         pos = 0
-        for start, stop in runs:
+        for start, stop, members in runs:
             new_args.extend(tensors[pos:start])
-            spec = folds.stack_parallel([reads[k].spec for k in range(start, stop)])
-            new_args.append(ctx.insert_conv(spec, reads[start].input, before=node, like=reads[start].like,
+            spec = folds.stack_parallel([m.spec for m in members])
+            new_args.append(ctx.insert_conv(spec, members[0].input, before=node, like=members[0].like,
                                             name=node.name, same_shape=len(runs) == 1 and stop - start == len(tensors)))
             consumed.extend(tensors[start:stop])
             pos = stop

@@ -50,7 +50,7 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         return ctx.skip(node, Reason.OTHER_USERS, f"{producer.name} has other users besides this affine "
                                                   f"({', '.join(u.name for u in ctx.real_users(producer))})")
 
-    if conv is not None:
+    if isinstance(conv, ConvRead):
         spec = folds.conv_then_affine(conv.spec, read.affine)
 
         def rewrite() -> None:
@@ -58,6 +58,8 @@ def conv_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
             ctx.replace(node, new, consumed=[producer])
 
         return rewrite
+    if linear is None:
+        return None
 
     weight, bias = folds.linear_then_affine(linear.weight, linear.bias, read.affine)
 
@@ -87,12 +89,13 @@ def _through_permute(ctx: RewriteContext, node: fx.Node, read: AffineRead, sourc
                         f"{source.name} → {permute.name} has other users besides this affine")
 
     def rewrite() -> None:
-        if linear is not None:
-            new = ctx.insert_linear(weight, bias, linear.input, before=permute, like=linear.like, name=source.name,
-                                    shape_of=source)
-        else:
+        if isinstance(conv, ConvRead):  # (then linear is None: it is read only where conv is not)
             new = ctx.insert_conv(spec, conv.input, before=permute, like=conv.like, name=source.name,
                                   shape_of=source)
+        else:
+            assert linear is not None
+            new = ctx.insert_linear(weight, bias, linear.input, before=permute, like=linear.like, name=source.name,
+                                    shape_of=source)
         ctx.replace_input(permute, source, new)
         ctx.replace(node, permute, consumed=[source])
 

@@ -15,6 +15,7 @@ from typing import Optional, Set
 from torch import Tensor, fx
 
 from ..ir import ops
+from ..ir.read import call_target
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
 
@@ -102,7 +103,7 @@ def _constant_assert(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if any(v is constants._MISSING for v in leaves):
         return None
     try:
-        node.target(*args, **kwargs)
+        call_target(node)(*args, **kwargs)
     except Exception:  # the assertion fails on the constants: it stays (the model raises there too)
         return None
 

@@ -13,9 +13,10 @@ from torch import fx
 
 from ..ir import folds
 from ..ir.ops import is_view
-from ..ir.read import AffineRead
+from ..ir.read import AffineRead, arg_node
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
+
 
 @register_rule("linear_view_bn")
 def linear_view_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
@@ -27,8 +28,10 @@ def linear_view_bn(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if not isinstance(read, AffineRead) or read.kind != "batch_norm" or not is_view(read.input):
         return None
     view = read.input
-    producer = view.args[0] if isinstance(view.args[0], fx.Node) else None
-    linear = ctx.read.linear(producer) if producer is not None else None
+    producer = arg_node(view, 0)
+    if producer is None:
+        return None
+    linear = ctx.read.linear(producer)
     if linear is None:
         return None
     out, flat, back = ctx.shape(producer), ctx.shape(view), ctx.shape(node)

@@ -48,15 +48,12 @@ def remove_noop(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     """Bypass identity, eval-mode dropout and neutral-number arithmetic nodes."""
     mod = ctx.read.module(node)
     first = node.args[0] if node.args else None
-    source: Optional[fx.Node] = None
-    if isinstance(first, fx.Node) and len(node.args) == 1 and not node.kwargs \
-            and (isinstance(mod, ops.IDENTITY_MODULES) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training)):
-        source = first
-    elif isinstance(first, fx.Node) and node.op == "call_function" and node.target in ops.DROPOUT_FUNCS \
-            and arg(node, 2, "training", node.kwargs.get("train", True)) is False:  # (ATen: `train`)
-        source = first
-    else:
-        source = _neutral_operand(ctx, node)
+    identity_module = len(node.args) == 1 and not node.kwargs \
+        and (isinstance(mod, ops.IDENTITY_MODULES) or (isinstance(mod, ops.DROPOUT_MODULES) and not mod.training))
+    eval_dropout = node.op == "call_function" and node.target in ops.DROPOUT_FUNCS \
+        and arg(node, 2, "training", node.kwargs.get("train", True)) is False  # (ATen: `train`)
+    computes_nothing = identity_module or eval_dropout
+    source = first if isinstance(first, fx.Node) and computes_nothing else _neutral_operand(ctx, node)
     if source is None:
         return None
     kept = source

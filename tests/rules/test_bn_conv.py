@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse import Reason
+
 from _helpers import assert_not_fired, assert_skipped, assert_wrong_rewrite_caught, fuse_and_check, fused_counts, stats
 
 

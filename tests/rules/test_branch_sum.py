@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
+
 from _helpers import (
     assert_not_fired,
     assert_skipped,
@@ -400,7 +401,7 @@ def test_bn_after_avg_pool_branch_merges(case):
     s = stats(fused)
     assert (s.convs, s.batch_norms, s.pools, s.adds) == (1, 0, 0, 0), fused.code
     assert fused_counts(fused)["branch_sum"] >= 1
-    assert not [u for u in fused.fxfuse_report.unfused], fused.fxfuse_report
+    assert not list(fused.fxfuse_report.unfused), fused.fxfuse_report
 
 
 def test_unpadded_pool_without_count_include_pad_is_a_conv():
@@ -420,17 +421,17 @@ def test_unpadded_pool_without_count_include_pad_is_a_conv():
 
 
 UNFUSABLE_POOLS = [  # (id, PoolBranchBlock keyword arguments, code, fragment of the sentence)
-    ("no-pad-count", dict(cip=False), Reason.POOL_NOT_LINEAR, "count_include_pad"),
-    ("ceil-mode", dict(ceil=True, pool_k=2, pool_pad=0, stride=2, k=3), Reason.POOL_NOT_LINEAR, "ceil_mode"),
+    ("no-pad-count", {"cip": False}, Reason.POOL_NOT_LINEAR, "count_include_pad"),
+    ("ceil-mode", {"ceil": True, "pool_k": 2, "pool_pad": 0, "stride": 2, "k": 3}, Reason.POOL_NOT_LINEAR, "ceil_mode"),
     # conv stride 1 (3x3, unpadded) and pool 2x2/2 padded 1: both give 4x4 on a 6x6 input, on different grids
-    ("stride", dict(pool_k=2, pool_pad=1, pool_stride=2, stride=1, k=3), Reason.TAP_GRID, "tap grid"),
+    ("stride", {"pool_k": 2, "pool_pad": 1, "pool_stride": 2, "stride": 1, "k": 3}, Reason.TAP_GRID, "tap grid"),
 ]
 
 
 @pytest.mark.parametrize(("kwargs", "code", "fragment"), [u[1:] for u in UNFUSABLE_POOLS],
                          ids=[u[0] for u in UNFUSABLE_POOLS])
 def test_pool_branch_that_is_no_conv_stays_and_is_named(kwargs, code, fragment):
-    args = dict(c=4, k=3, stride=1, depthwise=True, post="bn")
+    args = {"c": 4, "k": 3, "stride": 1, "depthwise": True, "post": "bn"}
     args.update(kwargs)
     model = PoolBranchBlock(**args)
     if fragment == "tap grid":

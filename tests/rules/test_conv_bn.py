@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
+
 from _helpers import (
     assert_not_fired,
     assert_skipped,

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from fxfuse import Reason
 from fxfuse.ir import ops
+
 from _helpers import assert_not_fired, assert_skipped, fuse_and_check, fused_counts, stats
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxfuse import Reason
+
 from _helpers import assert_skipped, fuse_and_check, fused_counts, stats
 
 pytestmark = pytest.mark.fixed_capture("export: slice assignment does not trace symbolically")

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxfuse import Reason
+
 from _helpers import (
     assert_skipped,
     assert_wrong_rewrite_caught,

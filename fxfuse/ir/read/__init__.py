@@ -15,7 +15,7 @@ pools), :mod:`.pads` (pads, crops, permutes, concatenations); :class:`Reader` is
 from __future__ import annotations
 
 from ..algebra import Refusal
-from .args import arg, shape_of
+from .args import arg, arg_ints, arg_node, attr_target, call_target, shape_of
 from .constants import Constants
 from .layers import LayerReads
 from .pads import PadReads
@@ -27,4 +27,4 @@ class Reader(LayerReads, PadReads):
 
 
 __all__ = ["AffineRead", "Constants", "ConvRead", "LinearRead", "Reader", "Refusal", "SumRead", "ValuedPad", "arg",
-           "shape_of"]
+           "arg_ints", "arg_node", "attr_target", "call_target", "shape_of"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .. import ops
+from .args import attr_target
 from .constants import Constants
 
 
@@ -26,7 +27,7 @@ class ReaderBase:
     def module(self, node: fx.Node) -> Optional[nn.Module]:
         """The called module, if it computes exactly what its ``torch.nn`` class does: a subclass that overrides
         ``forward`` or a module with forward hooks is opaque (``None``)."""
-        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        mod = self.modules.get(attr_target(node)) if node.op == "call_module" else None
         if mod is None or mod._forward_hooks or mod._forward_pre_hooks:
             return None
         if type(mod).forward not in ops.STOCK_FORWARDS:

@@ -10,6 +10,7 @@ from torch import Tensor, fx, nn
 
 from .. import ops
 from ..algebra import float64
+from .args import attr_target, call_target
 
 
 class Constants:
@@ -30,7 +31,7 @@ class Constants:
             return self.memo[a]
         result = self._MISSING
         if a.op == "get_attr":
-            result = _fetch_attr(self.gm, a.target)
+            result = _fetch_attr(self.gm, attr_target(a))
         elif a.op in ("call_function", "call_method") and ops.is_pure(a, {}) \
                 and (a.all_input_nodes or isinstance(a.target, ops.OpOverload)):
             args = fx.node.map_arg(a.args, self.value)
@@ -40,9 +41,9 @@ class Constants:
                 try:
                     with torch.no_grad():
                         if a.op == "call_function":
-                            result = a.target(*args, **kwargs)
+                            result = call_target(a)(*args, **kwargs)
                         else:
-                            result = getattr(args[0], a.target)(*args[1:], **kwargs)
+                            result = getattr(args[0], attr_target(a))(*args[1:], **kwargs)
                 except Exception:  # not evaluable as a constant: treat as non-constant
                     result = self._MISSING
         self.memo[a] = result

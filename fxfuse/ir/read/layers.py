@@ -13,7 +13,7 @@ from ...reasons import Reason
 from .. import folds as K
 from .. import ops
 from ..algebra import ChannelAffine, ConvSpec, Refusal, as_tuple, float64
-from .args import arg, shape_of
+from .args import arg, arg_node, shape_of
 from .base import ReaderBase
 from .constants import _per_channel
 from .reads import AffineRead, ConvRead, LinearRead, SumRead
@@ -193,6 +193,9 @@ class LayerReads(ReaderBase):
                                         None if mod.bias is None else float64(mod.bias), mod.eps)
             return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
         if node.op == "call_function" and node.target in ops.BATCH_NORM_FUNCS:
+            x = arg_node(node, 0)
+            if x is None:
+                return None
             if arg(node, 5, "training", False) is not False:
                 return Refusal(Reason.BATCH_STATISTICS, "F.batch_norm(training=True) uses batch statistics")
             rm, rv = (self.constants.tensor(arg(node, i, n)) for i, n in ((1, "running_mean"), (2, "running_var")))
@@ -203,7 +206,7 @@ class LayerReads(ReaderBase):
                 return Refusal(Reason.NOT_CONSTANT, "F.batch_norm with non-constant statistics or parameters")
             aff = K.batchnorm_as_affine(float64(rm), float64(rv), None if w is None else float64(w),
                                         None if b is None else float64(b), float(arg(node, 7, "eps", 1e-5)))
-            return AffineRead(node.args[0], aff, 1, ndim, "batch_norm")
+            return AffineRead(x, aff, 1, ndim, "batch_norm")
         bn = self._aten_batchnorm_node(node)
         if bn is not None and bn.target in ops.BATCH_NORM_NO_STATS:
             return Refusal(Reason.BATCH_STATISTICS,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx
 
 from .. import ops
-from .args import arg, shape_of
+from .args import arg, arg_ints, shape_of
 from .base import ReaderBase
 from .constants import _per_channel, _uniform_along_all_but
 from .reads import ValuedPad
@@ -25,7 +25,7 @@ class PadReads(ReaderBase):
             if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
                 dims = dims[0]
         elif node.op == "call_function" and node.target in ops.PERMUTE_FUNCS:
-            dims = arg(node, 1, "dims")
+            dims = arg_ints(node, 1, "dims")
         else:
             return None
         x = node.args[0] if node.args else None
@@ -164,7 +164,7 @@ class PadReads(ReaderBase):
             if p and not covered.get(axis + 2, set()) >= set(range(p)) | set(range(size - p, size)):
                 return None  # part of the border keeps the zero padding
         assert values is not None
-        return ValuedPad(x, cur, tuple(padding), values.to(self.device), tuple([*nodes, cur]))
+        return ValuedPad(x, cur, tuple(padding), values.to(self.device), (*nodes, cur))
 
     def _slice_write(self, node: fx.Node) -> Optional[Tuple[fx.Node, list, list]]:
         """``slice_scatter(base, src, dim, start, end)`` writing a constant (``copy(view, c)``, ``fill(view, c)``
@@ -183,7 +183,7 @@ class PadReads(ReaderBase):
             return base, [(dim, start, end, value)], nodes
         shape = shape_of(base)
         full = shape is not None and start in (None, 0) and (end is None or end >= int(shape[dim]))
-        if full and src.op == "call_function" and src.target in ops.SLICE_SCATTER_FUNCS:
+        if full and shape is not None and src.op == "call_function" and src.target in ops.SLICE_SCATTER_FUNCS:
             view = arg(src, 0, "input")
             if isinstance(view, fx.Node) and view.op == "call_function" and view.target in ops.SLICE_FUNCS \
                     and view.args[0] is base and arg(view, 1, "dim", 0) == dim \
