@@ -25,6 +25,7 @@ from .capture.auto import CAPTURES, Captures, choose
 from .capture.state import attributes_preserved
 from .capture.submodules import rewrite_submodules
 from .errors import FusionError
+from .ir.graphs import direct_module_calls
 from .report import FusionReport
 from .rewrite import RuleLike, resolve_rules
 from .tools.executed_ops import executed_fusable
@@ -167,6 +168,9 @@ def reparametrize(
     report.pass_seconds = time.perf_counter() - start
     report.phases = {"copy": copied - start, "original run": ran - copied, **report.phases,
                      "total": report.pass_seconds}
+    for sub in result.modules():
+        if isinstance(sub, fx.GraphModule):
+            direct_module_calls(sub)
     result.fxfuse_report = report  # type: ignore[assignment]
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module and drops plain attributes except those listed here.

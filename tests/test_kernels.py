@@ -75,6 +75,25 @@ def test_compose_equals_sequential(first, second, zero_pad_second):
         assert any(second.padding)
 
 
+@given(specs(ndim=2), specs(ndim=2), st.booleans(), st.booleans())
+def test_compose_strided_first_equals_sequential(first, second, zero_pad_second, pointwise_bias_free_first):
+    """Any first stride: one conv of stride s1·s2, kernel k1 + s1·(k2 − 1) (dilation s1 where k1 = 1), padding
+    p1 + s1·p2, equal on inputs of several sizes wherever the pair is declared composable."""
+    k1 = (1, 1) if pointwise_bias_free_first else first.kernel_size
+    first = first.with_(dilation=(1, 1), groups=1, weight=torch.randn(second.in_channels, 3, *k1, **f64),
+                        bias=torch.zeros(second.in_channels, **f64) if pointwise_bias_free_first
+                        else torch.randn(second.in_channels, **f64))
+    second = second.with_(dilation=(1, 1), padding=(0, 0) if zero_pad_second else second.padding)
+    reason = K.why_not_composable(first, second)
+    if reason is not None:
+        assert any(second.padding) and not pointwise_bias_free_first
+        return
+    merged = K.compose(first, second)
+    for size in ((9, 9), (12, 10), (15, 16)):
+        x = torch.randn(2, 3, *size, **f64)
+        assert_close_f64(run(second, run(first, x)), run(merged, x))
+
+
 @given(st.data())
 def test_sum_parallel_equals_sum(data):
     g = data.draw(st.integers(1, 2))
@@ -255,7 +274,9 @@ def test_composable_conditions():
 
     assert K.why_not_composable(conv(3, padding=1), conv(3)) is None
     assert K.why_not_composable(conv(1, bias=False), conv(3, padding=1)) is None
-    assert _says(K.why_not_composable(conv(1, stride=2), conv(3)), Reason.TAP_GRID, "stride")
+    assert K.why_not_composable(conv(3, stride=2, padding=1), conv(3)) is None  # any first stride, p2 = 0
+    assert K.why_not_composable(conv(1, stride=2, padding=1, bias=False), conv(3, padding=1)) is None
+    assert _says(K.why_not_composable(conv(1, stride=2), conv(3, padding=1)), Reason.PADDING, "nonzero bias")
     assert _says(K.why_not_composable(conv(3, dilation=2), conv(3)), Reason.TAP_GRID, "dilation")
     assert _says(K.why_not_composable(conv(1), conv(3, dilation=2)), Reason.TAP_GRID, "dilation")
     assert _says(K.why_not_composable(conv(3), conv(3, padding=1)), Reason.PADDING, "non-pointwise")

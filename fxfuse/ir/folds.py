@@ -271,22 +271,21 @@ def stack_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
 
 # ---------------------------------------------------------------------------------- sequential
 def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[Refusal]:
-    """``second(first(x))`` is one conv when the first has stride 1 and dilation 1 and the second dilation 1, and
-    either the second reads no zero padding (then any first kernel/padding is exact), or the first is a
-    bias-free pointwise conv (zero padding of the intermediate = first(zero padding of x))
-    (docs/patterns.md, `bn_conv`)."""
+    """``second(first(x))`` is one conv when both have dilation 1 (on axes with a kernel > 1) and either the second
+    reads no zero padding (then any first kernel / stride / padding is exact: every intermediate position the second
+    reads is a real output of the first), or the first is a bias-free 1x1 conv of any stride and padding (then the
+    intermediate's zero border is what the first maps the input's zero border to) (docs/patterns.md, `sequential`).
+    """
     if first.transposed or second.transposed:
         return Refusal(Reason.NOT_LINEAR, "transposed conv")
     if first.padding_mode != "zeros" or second.padding_mode != "zeros":
         return Refusal(Reason.PADDING, "non-zero padding_mode")
-    if any(s != 1 for s in first.stride):
-        return Refusal(Reason.TAP_GRID, f"first conv has stride {first.stride}")
     if any(d != 1 for d, k in zip(first.dilation, first.kernel_size) if k > 1):
         return Refusal(Reason.TAP_GRID, f"first conv has dilation {first.dilation}")
     if any(d != 1 for d, k in zip(second.dilation, second.kernel_size) if k > 1):
         return Refusal(Reason.TAP_GRID, f"second conv has dilation {second.dilation}")
     if any(second.padding):
-        if not first.is_pointwise:
+        if any(k != 1 for k in first.kernel_size):
             return Refusal(Reason.PADDING, "second conv zero-pads the output of a non-pointwise conv")
         if bool((first.bias != 0).any()):
             return Refusal(Reason.PADDING,
@@ -295,25 +294,34 @@ def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[Refusal]:
 
 
 def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
-    """``second ∘ first`` as one conv: per group ``W[n, c] = Σ_m W2[n, m] ⋆ W1[m, c]`` (full correlation of the
-    kernels), ``b = b2 + Σ_{m,taps} W2[n, m]·b1[m]``; stride = s2, padding = p1 + p2, groups = gcd(g1, g2)."""
+    """``second ∘ first`` as one conv. With the first's stride ``s1``, second tap ``b`` and first tap ``a`` read input
+    position ``s1·s2·o − (p1 + s1·p2) + s1·b + a``, so per group ``W[n, c, s1·b + a] += W2[n, m, b]·W1[m, c, a]``
+    (kernel ``k1 + s1·(k2 − 1)``; for ``s1 = 1`` the full correlation of the kernels), ``b = b2 + Σ_{m,taps}
+    W2[n, m]·b1[m]``; stride ``s1·s2``, padding ``p1 + s1·p2``, groups ``gcd(g1, g2)``. On an axis where the first
+    kernel is 1 and the second's larger, only every ``s1``-th tap is nonzero: the result keeps kernel ``k2`` with
+    dilation ``s1`` there. The output size is the second's for every input size."""
     groups = math.gcd(first.groups, second.groups)
     f, s = regroup(first, groups), regroup(second, groups)
     c_in_pg, m_pg, n_pg = f.weight.shape[1], f.weight.shape[0] // groups, s.weight.shape[0] // groups
-    k1, k2 = f.kernel_size, s.kernel_size
+    k1, k2, s1 = f.kernel_size, s.kernel_size, tuple(first.stride)
     w1 = f.weight.reshape(groups, m_pg, c_in_pg, *k1)
     w2 = s.weight.reshape(groups, n_pg, m_pg, *k2)
-    kernel = tuple(a + b - 1 for a, b in zip(k1, k2))
+    kernel = tuple(a + st * (b - 1) for a, b, st in zip(k1, k2, s1))
     out = w1.new_zeros(groups, n_pg, c_in_pg, *kernel)
     for tap in itertools.product(*(range(k) for k in k2)):
-        window = (slice(None), slice(None), slice(None)) + tuple(slice(t, t + k) for t, k in zip(tap, k1))
+        window = (slice(None), slice(None), slice(None)) + tuple(
+            slice(st * t, st * t + k) for t, k, st in zip(tap, k1, s1))
         out[window] += torch.einsum("gnm,gmc...->gnc...", w2[(slice(None),) * 3 + tap], w1)
     weight = out.reshape(groups * n_pg, c_in_pg, *kernel)
+    dilation = tuple(st if a == 1 and b > 1 else 1 for a, b, st in zip(k1, k2, s1))
+    if any(d > 1 for d in dilation):  # keep only the taps on the dilated grid (the others are zero)
+        weight = weight[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)].contiguous()
     idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, weight.device)
     taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
     bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
-    padding = tuple(a + b for a, b in zip(first.padding, second.padding))
-    return ConvSpec(weight, bias, second.stride, padding, (1,) * first.ndim, groups)
+    padding = tuple(a + st * b for a, b, st in zip(first.padding, second.padding, s1))
+    stride = tuple(a * b for a, b in zip(s1, second.stride))
+    return ConvSpec(weight, bias, stride, padding, dilation, groups)
 
 
 # ------------------------------------------------------------------------------- pads with values

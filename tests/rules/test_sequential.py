@@ -96,11 +96,12 @@ def test_intermediate_with_other_user_is_kept():
     assert_skipped(fused, "sequential", Reason.OTHER_USERS, "other users")
 
 
-def test_strided_first_conv_is_not_composed():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1, stride=2), nn.Conv2d(3, 3, 3))
+def test_strided_first_conv_with_bias_before_padding_is_not_composed():
+    """(Strided first convs compose otherwise: tests/rules/test_sequential_strided.py.)"""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, stride=2), nn.Conv2d(3, 3, 3, padding=1))
     fused = fuse_and_check(model, torch.randn(1, 3, 9, 9))
     assert stats(fused).convs == 2
-    assert_skipped(fused, "sequential", Reason.TAP_GRID, "stride")
+    assert_skipped(fused, "sequential", Reason.PADDING, "nonzero bias")
 
 
 def test_dilated_second_conv_is_not_composed():
