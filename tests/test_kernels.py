@@ -75,6 +75,25 @@ def test_compose_equals_sequential(first, second, zero_pad_second):
         assert any(second.padding)
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.sampled_from([1, 3]),
+       st.integers(1, 2))
+def test_compose_pointwise_first_fast_paths(g, m_pg, n_pg, depthwise, k, s):
+    """1x1 first: one product per group (same groups), or a per-channel product (depthwise second, e.g. a pool)."""
+    cin = g * 2
+    m = g * m_pg
+    first = ConvSpec(torch.randn(m, cin // g, 1, 1, **f64), torch.randn(m, **f64), (1, 1), (1, 1), (1, 1), g)
+    if depthwise:
+        second = ConvSpec(torch.randn(m, 1, k, k, **f64), torch.randn(m, **f64), (s, s), (0, 0), (1, 1), m)
+    else:
+        second = ConvSpec(torch.randn(g * n_pg, m_pg, k, k, **f64), torch.randn(g * n_pg, **f64), (s, s), (0, 0),
+                          (1, 1), g)
+    assert K.why_not_composable(first, second) is None
+    x = torch.randn(2, cin, 7, 7, **f64)
+    fused = K.compose(first, second)
+    assert fused.groups == g
+    assert_close_f64(run(second, run(first, x)), run(fused, x))
+
+
 @given(st.data())
 def test_sum_parallel_equals_sum(data):
     g = data.draw(st.integers(1, 2))

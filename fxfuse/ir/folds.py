@@ -248,8 +248,9 @@ def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
         groups = math.gcd(groups, s.groups)
     specs = [regroup(s, groups) for s in specs]
     padding, dilation, kernel = _grid(specs)
-    weight = torch.stack([place_on_grid(s, padding, dilation, kernel) for s in specs]).sum(0)
-    bias = torch.stack([s.bias for s in specs]).sum(0)
+    weight, bias = place_on_grid(specs[0], padding, dilation, kernel), specs[0].bias
+    for s in specs[1:]:  # one running sum, not a stack of every branch's kernel (online mode runs this per step)
+        weight, bias = weight + place_on_grid(s, padding, dilation, kernel), bias + s.bias
     return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), groups)
 
 
@@ -291,6 +292,22 @@ def why_not_composable(first: ConvSpec, second: ConvSpec) -> Optional[Refusal]:
 def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
     """``second ∘ first`` as one conv: per group ``W[n, c] = Σ_m W2[n, m] ⋆ W1[m, c]`` (full correlation of the
     kernels), ``b = b2 + Σ_{m,taps} W2[n, m]·b1[m]``; stride = s2, padding = p1 + p2, groups = gcd(g1, g2)."""
+    idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, second.weight.device)
+    taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
+    bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
+    padding = tuple(a + b for a, b in zip(first.padding, second.padding))
+    if first.is_pointwise_kernel:
+        w1 = first.weight.flatten(1)  # [M, C_in/g1]
+        if second.groups == second.weight.shape[0] == w1.shape[0] and second.weight.shape[1] == 1:
+            # depthwise second (one input channel per output, e.g. an average pool): W[n, c] = W2[n, 0]·W1[n, c]
+            return ConvSpec(first.weight * second.weight, bias, second.stride, padding, (1,) * first.ndim,
+                            first.groups)
+        if first.groups == second.groups:  # pointwise first: W[n, c] = Σ_m W2[n, m]·W1[m, c], one product per group
+            g = first.groups
+            w2 = second.weight.reshape(g, second.weight.shape[0] // g, second.weight.shape[1], -1)
+            weight = torch.einsum("gnmt,gmc->gnct", w2, w1.reshape(g, w1.shape[0] // g, w1.shape[1]))
+            weight = weight.reshape(second.weight.shape[0], w1.shape[1], *second.kernel_size)
+            return ConvSpec(weight, bias, second.stride, padding, (1,) * first.ndim, g)
     groups = math.gcd(first.groups, second.groups)
     f, s = regroup(first, groups), regroup(second, groups)
     c_in_pg, m_pg, n_pg = f.weight.shape[1], f.weight.shape[0] // groups, s.weight.shape[0] // groups
@@ -303,10 +320,6 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
         window = (slice(None), slice(None), slice(None)) + tuple(slice(t, t + k) for t, k in zip(tap, k1))
         out[window] += torch.einsum("gnm,gmc...->gnc...", w2[(slice(None),) * 3 + tap], w1)
     weight = out.reshape(groups * n_pg, c_in_pg, *kernel)
-    idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, weight.device)
-    taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
-    bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
-    padding = tuple(a + b for a, b in zip(first.padding, second.padding))
     return ConvSpec(weight, bias, second.stride, padding, (1,) * first.ndim, groups)
 
 
