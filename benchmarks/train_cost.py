@@ -10,9 +10,9 @@ allocation/free events gives the peak bytes the step allocated above what was li
 the parameters, buffers and optimizer state (so the figure is "torch tensor memory at the step's peak"). It counts
 tensors, not the process RSS (no allocator caching, no library workspaces outside torch's allocator).
 
-    python benchmarks/train_cost.py                 # resnet18 + mobilenet_v2(0.5), 32x32, batch 32, 2 threads, 3 rounds
-    python benchmarks/train_cost.py --full          # 64x64, 5 rounds, and torch.compile of every online form
-    python benchmarks/train_cost.py --nets tiny --compile     # torch.compile (inductor) of a small net only
+    python -m benchmarks.train_cost                 # resnet18 + mobilenet_v2(0.5), 32x32, batch 32, 2 threads, 3 rounds
+    python -m benchmarks.train_cost --full          # 64x64, 5 rounds, and torch.compile of every online form
+    python -m benchmarks.train_cost --nets tiny --compile     # torch.compile (inductor) of a small net only
 
 ``--compile`` adds ``torch.compile`` (inductor) of the plain and online forms (compile time is printed, not timed
 in the step)."""
@@ -26,10 +26,6 @@ import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
-
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fxfuse, not an installed one
 
 import torch
 import torchvision
@@ -127,7 +123,7 @@ def main() -> None:
     compiled = args.compile or args.full
     torch.set_num_threads(args.threads)
     schemes = tuple(s for s in args.schemes.split(",") if s)
-    print(f"{shown_command('python benchmarks/train_cost.py', sys.argv[1:])}; {cpu_text()}, shared; "
+    print(f"{shown_command('python -m benchmarks.train_cost', sys.argv[1:])}; {cpu_text()}, shared; "
           f"{args.threads} threads; torch {torch.__version__}; {source_state()}; {datetime.date.today().isoformat()}; "
           f"batch {args.batch}, {size}x{size}, float32, {rounds} interleaved rounds", flush=True)
     for name in args.nets.split(","):
