@@ -35,7 +35,10 @@ from torch import nn
 
 import fxfuse
 
-VARIANTS = ("plain", "repvgg", "acnet", "dbb", "mobileone", "qarepvgg")
+SCHEMES = ("repvgg", "acnet", "dbb", "mobileone", "qarepvgg")
+# Each scheme offline (every branch on the feature map) and online (``expand(online=True)``: one conv per block with
+# the kernel computed from the branches every step; docs/expand.md "Online mode").
+VARIANTS = ("plain", *SCHEMES, *(f"{s}-online" for s in SCHEMES))
 
 
 def load_data(seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +103,8 @@ def conv_geometry(gm: nn.Module) -> List[Tuple]:
                   if isinstance(m, nn.Conv2d))
 
 
-def run_study(seeds: int, epochs: int, width: int) -> Dict[str, Dict[str, List[float]]]:
+def run_study(seeds: int, epochs: int, width: int,
+              variants: Tuple[str, ...] = VARIANTS) -> Dict[str, Dict[str, List[float]]]:
     data = load_data()
     xte, yte = data[2], data[3]
     example = data[0][:2]
@@ -109,12 +113,13 @@ def run_study(seeds: int, epochs: int, width: int) -> Dict[str, Dict[str, List[f
         torch.manual_seed(seed)
         base = plain_net(width)
         deploy_ref = conv_geometry(fxfuse.reparametrize(base.eval(), example))
-        for variant in VARIANTS:
+        for variant in variants:
             torch.manual_seed(10_000 + seed)  # the new branches' init: the same per seed for every scheme
             if variant == "plain":
                 model = copy.deepcopy(base)
             else:
-                model = fxfuse.expand(base, example, scheme=variant, init="paper")
+                scheme, _, mode = variant.partition("-")
+                model = fxfuse.expand(base, example, scheme=scheme, init="paper", online=mode == "online")
             r = results[variant]
             r["params"].append(sum(p.numel() for p in model.parameters()))
             r["epoch_s"].extend(train(model, data, epochs, seed))
@@ -138,7 +143,7 @@ def table(results: Dict[str, Dict[str, List[float]]], seeds: int, epochs: int, t
     lines = [f"| variant | train params | test accuracy, mean ± std ({seeds} seeds) | min – max | collapsed = "
              f"expanded | epoch time (median) | vs plain | fused kernel range growth (max) | outlier channels |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for v in VARIANTS:
+    for v in (v for v in VARIANTS if v in results):
         r = results[v]
         acc = r["acc"]
         std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
@@ -170,10 +175,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
     parser.add_argument("--width", type=int, default=16, help="channels of the first two convs (then 2x)")
     parser.add_argument("--out", help="also write the Markdown table here")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of: " + ", ".join(VARIANTS))
     args = parser.parse_args()
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "plain" not in variants:
+        parser.error(f"--variants must include 'plain' and name only {', '.join(VARIANTS)} (got {unknown})")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = run_study(args.seeds, args.epochs, args.width)
+    results = run_study(args.seeds, args.epochs, args.width, variants)
     text = table(results, args.seeds, args.epochs, args.threads, args.width)
     print()
     print(text)

@@ -34,6 +34,7 @@ COPIED = ("fxfuse", "tests", "benchmarks", "docs", "pyproject.toml", "README.md"
 
 KERNELS = "tests/test_kernels.py"
 RULES = "tests/rules"
+ONLINE = "tests/test_expand_online.py"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "start = (padding[axis] - spec.padding[axis]) // dilation[axis]", "start = 0",
            (KERNELS, f"{RULES}/test_branch_sum.py"), "a small kernel placed at the grid's corner, not its centre"),
     Mutant("sum_parallel_first_bias_only", "fxfuse/ir/folds.py",
-           "bias = torch.stack([s.bias for s in specs]).sum(0)", "bias = specs[0].bias",
+           "weight, bias = weight + place_on_grid(s, padding, dilation, kernel), bias + s.bias",
+           "weight, bias = weight + place_on_grid(s, padding, dilation, kernel), bias",
            (KERNELS, f"{RULES}/test_branch_sum.py"), "merged bias = the first branch's only"),
     # (max(p1, p2) for the composed padding would be an equivalent mutant: the exactness conditions allow padding on
     # at most one of the two convs.)
@@ -94,6 +96,19 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("compose_bias_ignores_first_bias", "fxfuse/ir/folds.py",
            "bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)", "bias = second.bias",
            (KERNELS, f"{RULES}/test_sequential.py"), "composed bias b2 instead of b2 + Σ W2·b1"),
+    Mutant("compose_pointwise_depthwise_wrong_groups", "fxfuse/ir/folds.py",
+           "return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, first.groups)",
+           "return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, 1)",
+           (KERNELS, ONLINE), "1x1 then depthwise composed as a dense conv (groups 1, not the 1x1's)"),
+    # --------------------------------------------------------------------- online re-parameterization (OREPA)
+    Mutant("online_kernel_ignores_branch_scale", "fxfuse/expand/online.py",
+           "else conv_then_affine(spec, layer.affine()))", "else spec)",
+           (ONLINE,), "the online kernel leaves out a branch's linearized-BN scale (the twin applies it)"),
+    Mutant("online_kernel_pad_border_not_shift", "fxfuse/expand/online.py",
+           "spec = conv_then_affine(spec, layer.affine()).with_(padding=layer.padding)",
+           "spec = conv_then_affine(spec, ChannelAffine(layer.scale, torch.zeros_like(layer.scale)))"
+           ".with_(padding=layer.padding)",
+           (ONLINE,), "DBB's scale-and-pad composed without its shift (border and interior lose it)"),
     # ------------------------------------------------------------------------------ exactness conditions
     Mutant("why_not_affine_then_conv_ignores_padding", "fxfuse/ir/folds.py",
            "if any(spec.padding) and bool((affine.shift != 0).any()):", "if False:",

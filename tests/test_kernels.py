@@ -94,6 +94,28 @@ def test_compose_strided_first_equals_sequential(first, second, zero_pad_second,
         assert_close_f64(run(second, run(first, x)), run(merged, x))
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.sampled_from([1, 3]),
+       st.integers(1, 2), st.integers(1, 2), st.booleans())
+def test_compose_pointwise_first_fast_paths(g, m_pg, n_pg, depthwise, k, s, s1, pad_second):
+    """1x1 first of any stride: one product per group (same groups), or a per-channel product (a depthwise second,
+    e.g. a pool); a zero-padded second needs the 1x1 bias-free."""
+    cin, m = g * 2, g * m_pg
+    b1 = torch.zeros(m, **f64) if pad_second else torch.randn(m, **f64)
+    first = ConvSpec(torch.randn(m, cin // g, 1, 1, **f64), b1, (s1, s1), (1, 1), (1, 1), g)
+    p = k // 2 if pad_second else 0
+    if depthwise:
+        second = ConvSpec(torch.randn(m, 1, k, k, **f64), torch.randn(m, **f64), (s, s), (p, p), (1, 1), m)
+    else:
+        second = ConvSpec(torch.randn(g * n_pg, m_pg, k, k, **f64), torch.randn(g * n_pg, **f64), (s, s), (p, p),
+                          (1, 1), g)
+    assert K.why_not_composable(first, second) is None
+    fused = K.compose(first, second)
+    assert fused.groups == g and fused.kernel_size == (k, k)
+    for size in (7, 10):
+        x = torch.randn(2, cin, size, size, **f64)
+        assert_close_f64(run(second, run(first, x)), run(fused, x))
+
+
 @given(st.data())
 def test_sum_parallel_equals_sum(data):
     g = data.draw(st.integers(1, 2))

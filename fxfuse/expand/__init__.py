@@ -15,6 +15,7 @@ from typing import Any
 from . import schemes as _builtin_schemes  # noqa: F401  (importing it registers the built-in schemes)
 from .blocks import BNAndPad, ExpandedConv2d
 from .core import expand
+from .online import ChannelScale, OnlineConv2d, ScaleAndPad
 from .report import Expanded, ExpandReport, Skipped
 from .scheme import Branch, Geometry, Plan, Scheme, get_scheme, register_scheme, registered_schemes, unregister_scheme
 
@@ -30,6 +31,9 @@ __all__ = [
     "Geometry",
     "ExpandedConv2d",
     "BNAndPad",
+    "OnlineConv2d",
+    "ChannelScale",
+    "ScaleAndPad",
     "ExpandReport",
     "Expanded",
     "Skipped",

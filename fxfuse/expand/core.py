@@ -26,6 +26,7 @@ from ..errors import FusionError
 from ..ir import ops
 from ..verify import compare
 from .blocks import INITS, build_block
+from .online import make_online
 from .report import Expanded, ExpandReport, Skipped
 from .scheme import Geometry, SchemeLike, get_scheme
 
@@ -42,7 +43,7 @@ class _Site:
 
 
 def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: str = "preserve", where: Where = None,
-           inplace: bool = False, verify: bool = True) -> nn.Module:
+           inplace: bool = False, verify: bool = True, online: bool = False) -> nn.Module:
     """Return ``model`` with every eligible ``nn.Conv2d`` (and the ``BatchNorm2d`` after it) replaced by a
     trainable multi-branch block of ``scheme`` (a registered name such as ``"repvgg"``, ``"acnet"``, ``"dbb"``,
     ``"mobileone"``, ``"qarepvgg"``, a :class:`Scheme`, or a scheme function).
@@ -53,6 +54,11 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
     pattern(s) or a predicate ``(name, conv) -> bool`` choosing the convs. The input model is copied unless
     ``inplace``. The result carries ``.fxfuse_expand_report`` (:class:`ExpandReport`).
 
+    ``online=True`` (OREPA): every block's branch BatchNorms become learnable per-channel scales, the conv's own
+    BatchNorm moves after the block, and each forward computes the block's equivalent kernel and runs one conv
+    (:class:`~fxfuse.expand.online.OnlineConv2d`); a block that cannot be made linear stays offline, with the
+    reason in the report.
+
     ``fxfuse.reparametrize(result.eval(), example_input)`` collapses every block back into one conv of the
     original geometry."""
     if not isinstance(model, nn.Module):
@@ -62,7 +68,7 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
     chosen = get_scheme(scheme)
     args = _inputs(example_input)
     select = _selector(where)
-    report = ExpandReport(chosen.name, init, params_before=_count_params(model))
+    report = ExpandReport(chosen.name, init, params_before=_count_params(model), online=online)
     reference = _run_float64(model, args, report) if verify and init == "preserve" else None
 
     work = model if inplace else copy.deepcopy(model)
@@ -78,10 +84,18 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
             report.skipped.append(Skipped(site.name, f"scheme {chosen.name!r} adds no branch here: {why}"))
             continue
         block = build_block(site.conv, site.bn, plan, geometry, init, chosen.name)
+        online_notes: Tuple[str, ...] = ()
+        offline_reason: Optional[str] = None
+        if online:
+            converted, online_notes, offline_reason = make_online(block)
+            if converted is not None:
+                block = converted
         if site.bn is not None:  # first: the block holds the BN too
             _swap_module(work, site.bn, nn.Identity())
         _swap_module(work, site.conv, block)
-        report.expanded.append(Expanded(site.name, site.bn_name, tuple(block.branches), plan.notes))
+        report.expanded.append(Expanded(site.name, site.bn_name, tuple(block.branches), plan.notes,
+                                        online=online and offline_reason is None, online_notes=online_notes,
+                                        offline_reason=offline_reason))
     report.params_after = _count_params(work)
 
     if reference is not None and report.expanded:

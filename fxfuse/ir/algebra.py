@@ -92,6 +92,11 @@ class ConvSpec:
             and all(p == 0 for p in self.padding)
         )
 
+    @property
+    def is_pointwise_kernel(self) -> bool:
+        """A 1x1 kernel of a (not transposed) conv; stride and padding may be anything."""
+        return not self.transposed and all(k == 1 for k in self.kernel_size)
+
     def centre(self) -> IntTuple:
         """Per axis, first + last tap offset relative to ``o * stride``: ``2·(-p) + d·(k-1)``.
 

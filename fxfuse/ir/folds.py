@@ -254,8 +254,9 @@ def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
         groups = math.gcd(groups, s.groups)
     specs = [regroup(s, groups) for s in specs]
     padding, dilation, kernel = _grid(specs)
-    weight = torch.stack([place_on_grid(s, padding, dilation, kernel) for s in specs]).sum(0)
-    bias = torch.stack([s.bias for s in specs]).sum(0)
+    weight, bias = place_on_grid(specs[0], padding, dilation, kernel), specs[0].bias
+    for s in specs[1:]:  # one running sum, not a stack of every branch's kernel (online mode runs this per step)
+        weight, bias = weight + place_on_grid(s, padding, dilation, kernel), bias + s.bias
     return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), groups)
 
 
@@ -299,11 +300,31 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
     (kernel ``k1 + s1·(k2 − 1)``; for ``s1 = 1`` the full correlation of the kernels), ``b = b2 + Σ_{m,taps}
     W2[n, m]·b1[m]``; stride ``s1·s2``, padding ``p1 + s1·p2``, groups ``gcd(g1, g2)``. On an axis where the first
     kernel is 1 and the second's larger, only every ``s1``-th tap is nonzero: the result keeps kernel ``k2`` with
-    dilation ``s1`` there. The output size is the second's for every input size."""
+    dilation ``s1`` there. The output size is the second's for every input size. A 1x1 first conv takes a shorter
+    path: one product per group (equal groups), or a per-channel product (a depthwise second, e.g. a pool); online
+    re-parameterization (fxfuse.expand.online) runs it in every training step."""
+    s1 = tuple(first.stride)
+    idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, second.weight.device)
+    taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
+    bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
+    padding = tuple(a + st * b for a, b, st in zip(first.padding, second.padding, s1))
+    stride = tuple(a * b for a, b in zip(s1, second.stride))
+    if first.is_pointwise_kernel:  # kernel k2, dilation s1 on the axes where k2 > 1 (its taps are s1 apart)
+        tap_dilation = tuple(st if k > 1 else 1 for k, st in zip(second.kernel_size, s1))
+        w1 = first.weight.flatten(1)  # [M, C_in/g1]
+        if second.groups == second.weight.shape[0] == w1.shape[0] and second.weight.shape[1] == 1:
+            # depthwise second (one input channel per output, e.g. an average pool): W[n, c] = W2[n, 0]·W1[n, c]
+            return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, first.groups)
+        if first.groups == second.groups:  # W[n, c] = Σ_m W2[n, m]·W1[m, c], one product per group
+            g = first.groups
+            w2 = second.weight.reshape(g, second.weight.shape[0] // g, second.weight.shape[1], -1)
+            weight = torch.einsum("gnmt,gmc->gnct", w2, w1.reshape(g, w1.shape[0] // g, w1.shape[1]))
+            weight = weight.reshape(second.weight.shape[0], w1.shape[1], *second.kernel_size)
+            return ConvSpec(weight, bias, stride, padding, tap_dilation, g)
     groups = math.gcd(first.groups, second.groups)
     f, s = regroup(first, groups), regroup(second, groups)
     c_in_pg, m_pg, n_pg = f.weight.shape[1], f.weight.shape[0] // groups, s.weight.shape[0] // groups
-    k1, k2, s1 = f.kernel_size, s.kernel_size, tuple(first.stride)
+    k1, k2 = f.kernel_size, s.kernel_size
     w1 = f.weight.reshape(groups, m_pg, c_in_pg, *k1)
     w2 = s.weight.reshape(groups, n_pg, m_pg, *k2)
     kernel = tuple(a + st * (b - 1) for a, b, st in zip(k1, k2, s1))
@@ -316,11 +337,6 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
     dilation = tuple(st if a == 1 and b > 1 else 1 for a, b, st in zip(k1, k2, s1))
     if any(d > 1 for d in dilation):  # keep only the taps on the dilated grid (the others are zero)
         weight = weight[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)].contiguous()
-    idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, weight.device)
-    taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))
-    bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)
-    padding = tuple(a + st * b for a, b, st in zip(first.padding, second.padding, s1))
-    stride = tuple(a * b for a, b in zip(s1, second.stride))
     return ConvSpec(weight, bias, stride, padding, dilation, groups)
 
 
