@@ -109,6 +109,13 @@ MUTANTS: Tuple[Mutant, ...] = (
            "spec = conv_then_affine(spec, ChannelAffine(layer.scale, torch.zeros_like(layer.scale)))"
            ".with_(padding=layer.padding)",
            (ONLINE,), "DBB's scale-and-pad composed without its shift (border and interior lose it)"),
+    # ------------------------------------------------------------------ export capture: cheap functionalization
+    Mutant("out_of_place_ignores_views", "fxfuse/ir/graphs.py",
+           "or any(u is not node and ops.is_alias(u) for u in x.users):", ":",
+           ("tests/test_out_of_place.py",), "an in-place write into a tensor a view shares made out-of-place"),
+    Mutant("out_of_place_later_reads_stay", "fxfuse/ir/graphs.py",
+           "if user is not node and user is not fresh and order.get(user, -1) > order[node]:", "if False:",
+           ("tests/test_out_of_place.py",), "a read of the written tensor after the write keeps the old value"),
     # ------------------------------------------------------------------------------ exactness conditions
     Mutant("why_not_affine_then_conv_ignores_padding", "fxfuse/ir/folds.py",
            "if any(spec.padding) and bool((affine.shift != 0).any()):", "if False:",

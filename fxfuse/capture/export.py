@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ir.graphs import fresh_copy, prune
+from ..ir.graphs import fresh_copy, out_of_place, prune
 from ..ir.ops import TRACE_METADATA_CHECKS, OpOverload
 
 __all__ = ["ExportCapture", "capture", "batch_dynamic_shapes", "trace_inputs", "fresh_copy", "graph_of",
@@ -98,18 +98,20 @@ def trace_inputs(args: Tuple[Any, ...], dynamic_shapes: Any) -> Tuple[Any, ...]:
 
 def graph_of(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """The functional, unlifted graph of ``ep`` (parameters and buffers as ``get_attr``; the calling convention
-    of the exported module). Functionalization (``run_decompositions({})``, 2-3x the export time) runs only when
-    the program writes in place somewhere; a program without a mutating op is functional already.
+    of the exported module). A program without a mutating op is functional already; in-place ops on tensors the
+    program made and nothing aliases (``relu_``, ``add_`` of a residual) become their out-of-place twins
+    (:func:`fxfuse.ir.graphs.out_of_place`); only a program with another write is functionalized by
+    ``run_decompositions({})`` (2-3x the export time).
 
     Two kinds of node are dropped: the dtype / device checks export records at ``.to()`` calls
     (:data:`fxfuse.ir.ops.TRACE_METADATA_CHECKS`: they hold for the float64 working copy, not for the model cast
     back; the returned model is run and compared in its own dtype instead), and pure nodes nothing uses (the
     unused statistics outputs ``getitem(bn, 1 | 2)`` of a program decomposed to core ATen, which would hide the
     BatchNorm from the readers). The input-shape guard stays."""
-    if any(node.op == "call_function" and isinstance(node.target, OpOverload) and node.target._schema.is_mutable
-           for node in ep.graph.nodes):
-        ep = ep.run_decompositions({})
     gm = fresh_copy(ep.module())
+    if any(node.op == "call_function" and isinstance(node.target, OpOverload) and node.target._schema.is_mutable
+           for node in gm.graph.nodes) and not out_of_place(gm):
+        gm = fresh_copy(ep.run_decompositions({}).module())
     prune(gm, drop=lambda node: node.target in TRACE_METADATA_CHECKS)
     gm.recompile()
     return gm

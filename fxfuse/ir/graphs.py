@@ -61,6 +61,48 @@ def prune(gm: fx.GraphModule, drop: Callable[[fx.Node], bool] = lambda node: Fal
             erase_if_dead(node, modules)
 
 
+def out_of_place(gm: fx.GraphModule) -> bool:
+    """Rewrite ``gm``'s in-place ATen ops into their out-of-place twins where that is provably the same program
+    (the export capture's cheap functionalization; ``run_decompositions({})`` costs 2-3x the export itself).
+
+    ``y = relu_(x)`` becomes ``y = relu(x)`` and every later reader of ``x`` reads ``y``, when ``x`` owns its
+    storage (made by a call returning no alias, or a ``getitem`` of one) and nothing aliases it (no view of
+    ``x`` anywhere in the graph): then the write is seen exactly by the later readers of ``x`` and ``y``.
+    Writes into inputs, parameters, buffers or views are left alone. Returns whether every in-place op is gone
+    (else the caller functionalizes the program properly)."""
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    complete = True
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not ops.writes_input(node, modules):
+            continue
+        twin = ops.functional_twin(node.target)
+        x = node.args[0] if node.args else None
+        if twin is None or not isinstance(x, fx.Node) or not _owns_storage(x, modules) \
+                or any(u is not node and ops.is_alias(u) for u in x.users):
+            complete = False
+            continue
+        with gm.graph.inserting_before(node):
+            fresh = gm.graph.call_function(twin, node.args, node.kwargs)
+        fresh.meta = dict(node.meta)
+        node.replace_all_uses_with(fresh)
+        for user in list(x.users):
+            if user is not node and user is not fresh and order.get(user, -1) > order[node]:
+                user.replace_input_with(x, fresh)
+        gm.graph.erase_node(node)
+        order[fresh] = order[node]
+    return complete
+
+
+def _owns_storage(x: fx.Node, modules: Dict[str, Any]) -> bool:
+    if x.op != "call_function":
+        return False
+    if x.target is ops.GETITEM:
+        source = x.args[0]
+        return isinstance(source, fx.Node) and ops.returns_fresh_storage(source, modules)
+    return ops.returns_fresh_storage(x, modules)
+
+
 def fetch(root: nn.Module, target: str) -> Any:
     """``root.a.b.c`` for target ``"a.b.c"``."""
     return operator.attrgetter(target)(root)

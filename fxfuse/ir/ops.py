@@ -440,3 +440,28 @@ EAGER_SPELLING: Dict[Any, Callable[..., Any]] = {
     aten.contiguous.default: torch.Tensor.contiguous, aten.transpose.int: torch.transpose,
     aten.pad.default: torch._C._nn.pad, aten.chunk.default: torch.chunk, aten.split.Tensor: torch.split,
 }
+
+
+def functional_twin(target: Any) -> Optional[Any]:
+    """The out-of-place ATen overload of an in-place one that writes only its first argument and returns it
+    (``aten.relu_.default`` → ``aten.relu.default``, ``aten.add_.Tensor`` → ``aten.add.Tensor``): same argument
+    names, nothing written. ``None`` for anything else (``out=`` variants, ops writing several arguments)."""
+    if not isinstance(target, OpOverload):
+        return None
+    schema = target._schema
+    args = schema.arguments
+    if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+        return None
+    if any(a.alias_info is not None and a.alias_info.is_write for a in args[1:]) or len(schema.returns) != 1:
+        return None
+    namespace, _, name = schema.name.partition("::")
+    if namespace != "aten" or not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    twin = getattr(packet, target._overloadname, None) if packet is not None else None
+    if not isinstance(twin, OpOverload) or twin._schema.is_mutable:
+        return None
+    if [a.name for a in twin._schema.arguments] != [a.name for a in args] or len(twin._schema.returns) != 1 \
+            or twin._schema.returns[0].alias_info is not None:
+        return None
+    return twin
