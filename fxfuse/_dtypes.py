@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_map
 
 from .capture.state import MODULE_INTERNALS
 from .ir.graphs import direct_input_guard, eager_spellings, fetch, plain_calling_convention, standalone_copy
@@ -80,7 +80,10 @@ def reachable_tensors(obj: Any) -> Iterator[Tensor]:
         for key, value in vars(mod).items():
             if key in MODULE_INTERNALS or (key == "meta" and isinstance(mod, fx.GraphModule)):
                 continue
-            yield from (t for t in tree_flatten(value)[0] if isinstance(t, Tensor))
+            if isinstance(value, Tensor):
+                yield value
+            elif isinstance(value, (list, tuple, dict)) or type(value) in SUPPORTED_NODES:  # (not numbers, strings)
+                yield from (t for t in tree_flatten(value)[0] if isinstance(t, Tensor))
 
 
 def _graph_tensors(gm: fx.GraphModule) -> Iterator[Tuple[str, Tensor]]:
