@@ -173,6 +173,12 @@ def online_round_trip(model: nn.Module, x: torch.Tensor, scheme: str) -> None:
     assert max_rel_error(run(online, x2), run(model, x2)) > 1e-6  # training changed the function
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_online_round_trip_tiny_net(scheme: str) -> None:
+    """Every scheme's blocks collapse to one conv each after training (DBB's 1x1 → pad → avg-pool chain too)."""
+    online_round_trip(tiny_net().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64), scheme)
+
+
 @settings(max_examples=6, deadline=None)
 @given(net=small_cnns(), scheme=st.sampled_from(SCHEMES))
 def test_online_round_trip_random_cnns(net: Tuple[nn.Module, torch.Tensor], scheme: str) -> None:

@@ -87,10 +87,11 @@ class ScaleAndPad(ChannelScale):
         self.padding = (int(padding[0]), int(padding[1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, fx.Proxy):  # traced as a zero-padded depthwise 1x1 conv: its border is the shift
-            return F.conv2d(x, self.scale.reshape(-1, 1, 1, 1), self.shift, padding=self.padding, groups=self.channels)
+        # Pad first, then the affine: DBB's eval spelling of BN-and-pad (``bn(zero_pad(x))``), which the ordinary
+        # rules fold (the pad into the 1x1 conv before it, the affine into a conv); traced as a padded depthwise
+        # conv instead, the 1x1 → pad → avg-pool chain would not compose.
         ph, pw = self.padding
-        y = F.pad(x * self.scale.reshape(1, -1, 1, 1), (pw, pw, ph, ph))
+        y = F.pad(x, (pw, pw, ph, ph)) * self.scale.reshape(1, -1, 1, 1)
         if self.shift is not None:
             y = y + self.shift.reshape(1, -1, 1, 1)
         return y
