@@ -100,6 +100,13 @@ MUTANTS: Tuple[Mutant, ...] = (
            "return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, first.groups)",
            "return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, 1)",
            (KERNELS, ONLINE), "1x1 then depthwise composed as a dense conv (groups 1, not the 1x1's)"),
+    Mutant("sum_onto_drops_branch_bias", "fxfuse/ir/folds.py",
+           "        bias = bias + s.bias\n", "        bias = bias\n",
+           (KERNELS, ONLINE), "branches summed onto the base kernel keep only the base's bias"),
+    Mutant("sum_onto_diagonal_wrong_columns", "fxfuse/ir/folds.py",
+           "cols = (group % ratio)[:, None] * s_in + torch.arange(s_in, device=weight.device)[None, :]",
+           "cols = torch.arange(s_in, device=weight.device)[None, :].expand(c_out, s_in)",
+           (KERNELS, ONLINE), "a more-grouped branch added into the first input channels, not its block diagonal"),
     # --------------------------------------------------------------------- online re-parameterization (OREPA)
     Mutant("online_kernel_ignores_branch_scale", "fxfuse/expand/online.py",
            "else conv_then_affine(spec, layer.affine()))", "else spec)",

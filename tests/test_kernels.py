@@ -133,6 +133,36 @@ def test_sum_parallel_equals_sum(data):
     assert_close_f64(sum(run(b, x) for b in branches), run(K.sum_parallel(branches), x))
 
 
+@given(st.data())
+def test_sum_onto_equals_sum_parallel_or_declines(data):
+    """The base branch's kernel as the grid: equal to the sum of the branches (a depthwise or more-grouped branch on
+    the block diagonal, smaller kernels on the centre taps, dilated ones on every d-th tap), the base's weight left
+    untouched; ``None`` where the base's kernel is not the grid (a larger branch, or fewer groups)."""
+    g = data.draw(st.integers(1, 2))
+    c = 2 * g
+    stride = (data.draw(st.integers(1, 2)),) * 2
+    kb = data.draw(st.sampled_from([3, 5]))
+    base = ConvSpec(torch.randn(c, c // g, kb, kb, **f64), torch.randn(c, **f64), stride, (kb // 2,) * 2, (1, 1), g)
+    others = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        k = data.draw(st.sampled_from([1, 3, 5]))
+        d = data.draw(st.integers(1, 2)) if k > 1 else 1
+        gb = data.draw(st.sampled_from([g, c, 1]))
+        others.append(ConvSpec(torch.randn(c, c // gb, k, k, **f64), torch.randn(c, **f64), stride,
+                               (d * (k - 1) // 2,) * 2, (d, d), gb))
+    if K.why_not_on_one_grid([base, *others]) is not None:
+        return
+    before = base.weight.clone()
+    merged = K.sum_onto(base, others)
+    fits = all(o.groups % g == 0 and o.dilation[0] * (o.kernel_size[0] - 1) <= kb - 1 for o in others)
+    assert (merged is not None) == fits
+    if merged is None:
+        return
+    assert torch.equal(base.weight, before) and merged.groups == g and merged.kernel_size == base.kernel_size
+    x = torch.randn(2, c, 9, 9, **f64)
+    assert_close_f64(run(base, x) + sum(run(o, x) for o in others), run(merged, x))
+
+
 def test_misaligned_centres_are_refused():
     a = ConvSpec(torch.randn(2, 2, 3, 3, **f64), torch.zeros(2, **f64), (2, 2), (1, 1), (1, 1), 1)
     b = ConvSpec(torch.randn(2, 2, 2, 2, **f64), torch.zeros(2, **f64), (2, 2), (0, 0), (1, 1), 1)

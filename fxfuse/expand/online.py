@@ -43,6 +43,7 @@ from ..ir.folds import (
     compose,
     conv_then_affine,
     identity_as_conv,
+    sum_onto,
     sum_parallel,
     why_not_composable,
     why_not_on_one_grid,
@@ -210,7 +211,7 @@ def equivalent_conv(block: ExpandedConv2d) -> Tuple[Tensor, Tensor]:
         specs, why = branch_specs(block)
         if why is not None:
             raise ValueError(f"block is not linear: {why}")
-        merged = sum_parallel(specs)
+        merged = sum_onto(specs[0], specs[1:]) or sum_parallel(specs)  # one kernel-sized tensor per step
     return merged.weight, merged.bias
 
 

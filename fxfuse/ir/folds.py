@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -258,6 +258,42 @@ def sum_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
     for s in specs[1:]:  # one running sum, not a stack of every branch's kernel (online mode runs this per step)
         weight, bias = weight + place_on_grid(s, padding, dilation, kernel), bias + s.bias
     return ConvSpec(weight, bias, specs[0].stride, tuple(padding), tuple(dilation), groups)
+
+
+def sum_onto(base: ConvSpec, others: Sequence[ConvSpec]) -> Optional[ConvSpec]:
+    """:func:`sum_parallel` of ``[base, *others]`` when ``base``'s kernel is the merged grid (every other branch's
+    taps are taps of ``base``'s, with equal stride and window centre) and every other branch's groups are a multiple
+    of ``base``'s: ``base``'s kernel is copied once and each branch is added into its slice of it (a branch with
+    more groups on its block diagonal). One kernel-sized tensor, however many branches; online
+    re-parameterization (fxfuse.expand.online) runs it in every training step. ``None`` where the conditions do
+    not hold (then :func:`sum_parallel` is the general case)."""
+    specs = [base, *others]
+    if why_not_on_one_grid(specs) is not None or any(s.groups % base.groups for s in others):
+        return None
+    padding, dilation, kernel = _grid(specs)
+    if tuple(kernel) != tuple(base.kernel_size) or tuple(padding) != tuple(base.padding) \
+            or tuple(dilation) != tuple(base.dilation):
+        return None
+    weight = base.weight.clone()
+    bias = base.bias
+    c_out = weight.shape[0]
+    for s in others:
+        index: List[Any] = [slice(None), slice(None)]
+        for axis in range(s.ndim):
+            start = (padding[axis] - s.padding[axis]) // dilation[axis]
+            step = max(s.dilation[axis] // dilation[axis], 1)
+            index.append(slice(start, start + (s.kernel_size[axis] - 1) * step + 1, step))
+        window = weight[tuple(index)]
+        if s.groups == base.groups:
+            window += s.weight
+        else:  # W[o, (g(o) mod r)·C_in/g_s + j] += W_s[o, j] with r = g_s / g (regroup, without the zeros)
+            ratio, s_in = s.groups // base.groups, s.weight.shape[1]
+            rows = torch.arange(c_out, device=weight.device)
+            group = rows // (c_out // s.groups)
+            cols = (group % ratio)[:, None] * s_in + torch.arange(s_in, device=weight.device)[None, :]
+            window[rows[:, None], cols] += s.weight
+        bias = bias + s.bias
+    return ConvSpec(weight, bias, base.stride, base.padding, base.dilation, base.groups)
 
 
 def stack_parallel(specs: Sequence[ConvSpec]) -> ConvSpec:
