@@ -101,10 +101,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "return ConvSpec(first.weight * second.weight, bias, stride, padding, tap_dilation, 1)",
            (KERNELS, ONLINE), "1x1 then depthwise composed as a dense conv (groups 1, not the 1x1's)"),
     # --------------------------------------------------------------------- online re-parameterization (OREPA)
-    Mutant("online_kernel_ignores_branch_scale", "fxfuse/expand/online.py",
+    Mutant("online_kernel_ignores_branch_scale", "fxfuse/expansion/online.py",
            "else conv_then_affine(spec, layer.affine()))", "else spec)",
            (ONLINE,), "the online kernel leaves out a branch's linearized-BN scale (the twin applies it)"),
-    Mutant("online_kernel_pad_border_not_shift", "fxfuse/expand/online.py",
+    Mutant("online_kernel_pad_border_not_shift", "fxfuse/expansion/online.py",
            "spec = conv_then_affine(spec, layer.affine()).with_(padding=layer.padding)",
            "spec = conv_then_affine(spec, ChannelAffine(layer.scale, torch.zeros_like(layer.scale)))"
            ".with_(padding=layer.padding)",

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxfuse
-from fxfuse.expand import Branch, ExpandedConv2d, Geometry, Plan
+from fxfuse.expansion import Branch, ExpandedConv2d, Geometry, Plan
 from fxfuse.models import build, names, randomize_batchnorm_
 from fxfuse.verify import compare
 
@@ -311,7 +311,7 @@ def test_train_eval_modes_and_state_dict_round_trip() -> None:
 
 def test_bn_and_pad_train_border_is_bn_of_zero() -> None:
     """Train mode: BN on the unpadded input (batch statistics), border = BN(0) from the running statistics."""
-    from fxfuse.expand import BNAndPad
+    from fxfuse.expansion import BNAndPad
 
     layer = BNAndPad(3, (1, 2)).double()
     randomize_batchnorm_(layer, 0)
@@ -491,7 +491,7 @@ def test_geometry_rules() -> None:
 
 # -------------------------------------------------------------------------------------- a user scheme
 def test_user_scheme_end_to_end() -> None:
-    @fxfuse.expand.register_scheme("test_wide_1x1")
+    @fxfuse.expansion.register_scheme("test_wide_1x1")
     def wide(g: Geometry, copies: int = 2) -> Plan:
         """1x1-BN branches (``copies`` of them) and a BN-free 1x1→kxk chain."""
         if g.pointwise or g.aligned_padding((1, 1)) is None:
@@ -500,9 +500,9 @@ def test_user_scheme_end_to_end() -> None:
                     + (Branch("1x1_kxk", bn=False, internal_channels=2 * g.in_channels),))
 
     try:
-        assert fxfuse.expand.get_scheme("test_wide_1x1") is wide
+        assert fxfuse.expansion.get_scheme("test_wide_1x1") is wide
         with pytest.raises(ValueError, match="already registered"):
-            fxfuse.expand.register_scheme("test_wide_1x1")(lambda g: [])
+            fxfuse.expansion.register_scheme("test_wide_1x1")(lambda g: [])
         model = f64_eval(tiny_net())
         x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
         expanded = fxfuse.expand(model, x, scheme=wide.with_options(copies=3))
@@ -520,8 +520,8 @@ def test_user_scheme_end_to_end() -> None:
         assert conv_geometries_of(collapsed) == conv_geometries_of(plain)
         assert max_rel_error(run(collapsed, x), run(expanded, x)) <= RTOL
     finally:
-        fxfuse.expand.unregister_scheme("test_wide_1x1")
-    assert "test_wide_1x1" not in {s.name for s in fxfuse.expand.registered_schemes()}
+        fxfuse.expansion.unregister_scheme("test_wide_1x1")
+    assert "test_wide_1x1" not in {s.name for s in fxfuse.expansion.registered_schemes()}
 
 
 # ------------------------------------------------------------------------------ quantization readiness

@@ -25,9 +25,9 @@ from ..capture.submodules import _swap_module
 from ..errors import FusionError
 from ..ir import ops
 from ..verify import compare
-from .blocks import INITS, build_block
+from .expand_report import Expanded, ExpandReport, Skipped
+from .modules import INITS, build_block
 from .online import make_online
-from .report import Expanded, ExpandReport, Skipped
 from .scheme import Geometry, SchemeLike, get_scheme
 
 Where = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -56,7 +56,7 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
 
     ``online=True`` (OREPA): every block's branch BatchNorms become learnable per-channel scales, the conv's own
     BatchNorm moves after the block, and each forward computes the block's equivalent kernel and runs one conv
-    (:class:`~fxfuse.expand.online.OnlineConv2d`); a block that cannot be made linear stays offline, with the
+    (:class:`~fxfuse.expansion.online.OnlineConv2d`); a block that cannot be made linear stays offline, with the
     reason in the report.
 
     ``fxfuse.reparametrize(result.eval(), example_input)`` collapses every block back into one conv of the

@@ -1,6 +1,6 @@
 """Online re-parameterization (OREPA, Hu et al., arXiv 2204.00826): train an expanded block as ONE conv.
 
-An offline block (:class:`~fxfuse.expand.blocks.ExpandedConv2d`) runs every branch on the feature map, so a
+An offline block (:class:`~fxfuse.expansion.modules.ExpandedConv2d`) runs every branch on the feature map, so a
 training step costs what all branches cost. A BatchNorm inside a branch normalizes with batch statistics in
 training, which is not a linear map of the block input, so the branches cannot be summed before the data
 arrives. :func:`make_online` makes every block linear during training:
@@ -48,7 +48,7 @@ from ..ir.folds import (
     why_not_on_one_grid,
 )
 from ..reasons import Reason
-from .blocks import BNAndPad, ExpandedConv2d
+from .modules import BNAndPad, ExpandedConv2d
 from .scheme import Geometry, Pair
 
 

@@ -3,9 +3,9 @@
 
 A scheme is a function ``fn(geometry, **options) -> Plan`` (or a list of :class:`Branch`): given one conv's
 geometry it names the branches to add next to it. It does not build modules or choose parameter values; the
-block builder (:mod:`fxfuse.expand.blocks`) does both, the same way for every scheme::
+block builder (:mod:`fxfuse.expansion.modules`) does both, the same way for every scheme::
 
-    @fxfuse.expand.register_scheme("mine")
+    @fxfuse.expansion.register_scheme("mine")
     def mine(g: Geometry) -> Plan:
         if g.aligned_padding((1, 1)) is None:
             return Plan(notes=("no 1x1 branch: its tap is not on the kxk grid",))
