@@ -16,7 +16,16 @@ from .core import expand
 from .expand_report import Expanded, ExpandReport, Skipped
 from .modules import BNAndPad, ExpandedConv2d
 from .online import ChannelScale, OnlineConv2d, ScaleAndPad
-from .scheme import Branch, Geometry, Plan, Scheme, get_scheme, register_scheme, registered_schemes, unregister_scheme
+from .scheme import (
+    Branch,
+    ConvGeometry,
+    Plan,
+    Scheme,
+    get_scheme,
+    register_scheme,
+    registered_schemes,
+    unregister_scheme,
+)
 
 __all__ = [
     "expand",
@@ -27,7 +36,7 @@ __all__ = [
     "Scheme",
     "Plan",
     "Branch",
-    "Geometry",
+    "ConvGeometry",
     "ExpandedConv2d",
     "BNAndPad",
     "OnlineConv2d",

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scheme import Branch, Geometry, Pair, Plan
+from ..ir.algebra import ConvGeometry
+from .scheme import Branch, Pair, Plan
 
 INITS = ("preserve", "paper")
 
@@ -70,7 +71,7 @@ class ExpandedConv2d(nn.Module):
     (``in_channels`` … ``groups``) are the main conv's, i.e. those of the conv it collapses to."""
 
     def __init__(self, main: nn.Sequential, branches: OrderedDict[str, nn.Module], post: Optional[nn.Module],
-                 geometry: Geometry, scheme: str) -> None:
+                 geometry: ConvGeometry, scheme: str) -> None:
         super().__init__()
         self.main = main
         self.branches = nn.ModuleDict(branches)
@@ -94,14 +95,14 @@ class ExpandedConv2d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- building
-def _default_name(branch: Branch, g: Geometry) -> str:
+def _default_name(branch: Branch, g: ConvGeometry) -> str:
     if branch.kind == "conv":
         k = branch.kernel or g.kernel_size
         return f"conv{k[0]}x{k[1]}"
     return {"identity": "identity", "1x1_kxk": "conv1x1_kxk", "1x1_avg": "conv1x1_avg"}[branch.kind]
 
 
-def internal_channels(branch: Branch, g: Geometry) -> int:
+def internal_channels(branch: Branch, g: ConvGeometry) -> int:
     """Width of a ``1x1_kxk`` chain: as DBB, ``in_channels``, or twice that for a depthwise conv."""
     if branch.internal_channels is not None:
         return branch.internal_channels
@@ -128,7 +129,7 @@ class _Factory:
         return nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=False, **self.kw)
 
 
-def _branch_module(branch: Branch, g: Geometry, make: _Factory, scheme: str) -> nn.Module:
+def _branch_module(branch: Branch, g: ConvGeometry, make: _Factory, scheme: str) -> nn.Module:
     layers: List[Tuple[str, nn.Module]] = []
     if branch.kind == "conv":
         kernel = branch.kernel or g.kernel_size
@@ -163,7 +164,7 @@ def _branch_module(branch: Branch, g: Geometry, make: _Factory, scheme: str) -> 
     return nn.Sequential(OrderedDict(layers))
 
 
-def build_block(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], plan: Plan, g: Geometry, init: str,
+def build_block(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], plan: Plan, g: ConvGeometry, init: str,
                 scheme: str) -> ExpandedConv2d:
     """The expanded block for ``conv`` (and the ``bn`` after it), initialised by :func:`initialize`."""
     if init not in INITS:
@@ -213,7 +214,7 @@ def _eval_identity_(bn: nn.BatchNorm2d) -> None:
 
 
 @torch.no_grad()
-def initialize(block: ExpandedConv2d, plan: Plan, g: Geometry, init: str, new_main_bn: bool) -> None:
+def initialize(block: ExpandedConv2d, plan: Plan, g: ConvGeometry, init: str, new_main_bn: bool) -> None:
     """Initialise the new parts of ``block`` (module docstring); the user's conv and BN are left as they are,
     except that a BN-free identity is subtracted from the main kernel when nothing else can cancel it."""
     keys = list(block.branches)

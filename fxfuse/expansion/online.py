@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..ir.algebra import ChannelAffine, ConvSpec, Refusal
+from ..ir.algebra import ChannelAffine, ConvGeometry, ConvSpec, Refusal
 from ..ir.folds import (
     affine_as_conv,
     avg_pool_as_conv,
@@ -49,7 +49,7 @@ from ..ir.folds import (
 )
 from ..reasons import Reason
 from .modules import BNAndPad, ExpandedConv2d
-from .scheme import Geometry, Pair
+from .scheme import Pair
 
 
 class ChannelScale(nn.Module):
@@ -302,7 +302,7 @@ def _affine_of(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
         return a, b - a * bn.running_mean
 
 
-def _geometry_of(block: ExpandedConv2d) -> Geometry:
+def _geometry_of(block: ExpandedConv2d) -> ConvGeometry:
     conv = block.main.conv
-    return Geometry(block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
-                    block.dilation, block.groups, conv.bias is not None, block.post is not None)
+    return ConvGeometry(block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
+                        block.dilation, block.groups, conv.bias is not None)
