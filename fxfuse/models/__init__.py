@@ -8,12 +8,12 @@ from .blocks import (
     ACNet,
     BNAfterSumBlock,
     BNAfterSumNet,
-    BNAndPad,
     DBBBlock,
     DBBNet,
     MobileOneBlock,
     MobileOneNet,
     MobileOneUnit,
+    PadThenBN,
 )
 from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .dbb_mobile import DBBDepthwiseUnit, DBBMobileBlock, DBBMobileNet
@@ -26,7 +26,7 @@ __all__ = [
     "ACNet",
     "BNAfterSumBlock",
     "BNAfterSumNet",
-    "BNAndPad",
+    "PadThenBN",
     "DBBBlock",
     "DBBDepthwiseUnit",
     "DBBMobileBlock",
