@@ -234,6 +234,7 @@ def _traced_sites(work: nn.Module, gm: fx.GraphModule, report: ExpandReport) -> 
         if reason is not None:
             report.skipped.append(Skipped(name, reason))
             continue
+        assert isinstance(mod, nn.Conv2d)  # _conv_reason: only nn.Conv2d is expanded
         users = ops.real_users(node)
         if any(_is_zero_pad(u, modules) for u in users):
             report.skipped.append(Skipped(name, "its output is zero-padded next (DBB's BN-and-pad): the bias an "
@@ -269,6 +270,7 @@ def _walk_sites(work: nn.Module, args: Tuple[Any, ...], report: ExpandReport) ->
         if reason is not None:
             report.skipped.append(Skipped(name, reason))
             continue
+        assert isinstance(mod, nn.Conv2d)  # _conv_reason: only nn.Conv2d is expanded
         site = _Site(name, mod)
         parent, key = parents.get(id(mod), (None, ""))
         if type(parent) is nn.Sequential:

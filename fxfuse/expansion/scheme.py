@@ -31,6 +31,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..ir.algebra import ConvGeometry
 
 Pair = Tuple[int, int]
+
+
+def pair(v: object) -> Pair:
+    """An int or a 2-sequence of ints (a 2d conv's kernel, stride, padding …) as ``(H, W)``."""
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1]))
+    assert isinstance(v, int), f"expected an int or a pair, got {v!r}"
+    return (v, v)
+
 BRANCH_KINDS = ("conv", "identity", "1x1_kxk", "1x1_avg")
 
 
