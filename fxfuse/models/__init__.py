@@ -17,7 +17,7 @@ from .blocks import (
 )
 from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .dbb_mobile import DBBDepthwiseUnit, DBBMobileBlock, DBBMobileNet
-from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
+from .repvgg_net import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
 from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
 
 __all__ = [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .repvgg import check_groups, conv_bn, conv_spec
+from .repvgg_net import check_groups, conv_bn, conv_spec
 
 __all__ = [
     "ACBlock",
