@@ -4,13 +4,14 @@
     print(fused.fxfuse_report)
     training_bns = [u for u in fused.fxfuse_report.unfused if u.code is fxfuse.Reason.BATCH_STATISTICS]
 
+The training side: :func:`expand` (over-parameterize a CNN; schemes and blocks in :mod:`fxfuse.expansion`).
 Rule authors: :func:`register_rule` here, the readers and fold math in :mod:`fxfuse.ir`, property tests with
 :mod:`fxfuse.testing` (docs/extending.md).
 """
 
-from . import expand  # callable module: fxfuse.expand(model, x, scheme=...); fxfuse.expand.register_scheme
 from .api import compile, reparametrize, reparametrize_exported
 from .errors import FusionError
+from .expansion import expand
 from .reasons import Reason
 from .report import FusionReport, GraphStats, Unfused
 from .rewrite import RewriteContext, Rule, register_rule, registered_rules, unregister_rule

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - only without the test extra
     raise ImportError("fxfuse.testing needs hypothesis: pip install 'fxfuse[test]'") from exc
 
 from .api import reparametrize
+from .ir.algebra import ConvGeometry  # the one geometry type (re-exported: fxfuse.testing.ConvGeometry)
 from .ir.ops import module_kind, op_kind
 from .models import randomize_batchnorm_
 from .verify import compare
@@ -50,58 +51,6 @@ IntTuple = Tuple[int, ...]
 
 
 # ------------------------------------------------------------------------------------ conv geometry
-@dataclass(frozen=True)
-class ConvGeometry:
-    """The hyper-parameters of one ``nn.ConvNd`` (``in_channels`` and ``out_channels`` are multiples of
-    ``groups``; padding is zero padding)."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: IntTuple
-    stride: IntTuple
-    padding: IntTuple
-    dilation: IntTuple
-    groups: int
-    bias: bool
-
-    @property
-    def ndim(self) -> int:
-        """Number of spatial axes."""
-        return len(self.kernel_size)
-
-    def kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for ``nn.ConvNd``."""
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
-                "bias": self.bias}
-
-    def conv(self, **overrides: Any) -> nn.Module:
-        """A freshly initialised ``nn.Conv{ndim}d`` with this geometry (``overrides`` replace keyword args)."""
-        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.ndim - 1]
-        return cls(**{**self.kwargs(), **overrides})
-
-    def centre(self) -> IntTuple:
-        """Per axis ``-2p + d(k - 1)``: branches with equal stride and centre read aligned windows."""
-        return tuple(-2 * p + d * (k - 1) for p, d, k in zip(self.padding, self.dilation, self.kernel_size))
-
-    def min_input_size(self) -> IntTuple:
-        """Smallest spatial size per axis for which the conv has at least one output position."""
-        return tuple(max(1, d * (k - 1) + 1 - 2 * p) for p, d, k in zip(self.padding, self.dilation,
-                                                                         self.kernel_size))
-
-    def output_size(self, size: Sequence[int]) -> IntTuple:
-        """``floor((n + 2p - d(k-1) - 1) / s) + 1`` per axis."""
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                     for n, p, d, k, s in zip(size, self.padding, self.dilation, self.kernel_size, self.stride))
-
-    def example_input(self, batch: int = 2, size: Optional[Sequence[int]] = None, seed: int = 0) -> Tensor:
-        """A random ``[batch, in_channels, *size]`` float32 input (``size`` defaults to
-        ``min_input_size() + 3`` per axis, so borders and interior are both exercised)."""
-        size = tuple(size) if size is not None else tuple(m + 3 for m in self.min_input_size())
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, self.in_channels, *size, generator=gen)
-
-
 def _divisors(n: int, limit: int) -> list:
     return [g for g in range(1, min(n, limit) + 1) if n % g == 0]
 
@@ -122,7 +71,7 @@ def conv_geometries(
     padding: Union[str, int] = "any",
     bias: Optional[bool] = None,
 ) -> ConvGeometry:
-    """Strategy for :class:`ConvGeometry`.
+    """Strategy for :class:`~fxfuse.ir.algebra.ConvGeometry`.
 
     Channels are drawn as ``channels_per_group × groups`` so that groups always divide them; a fixed
     ``in_channels`` / ``out_channels`` restricts groups to their common divisors (≤ ``max_groups``).

@@ -90,9 +90,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     # (max(p1, p2) for the composed padding would be an equivalent mutant: the exactness conditions allow padding on
     # at most one of the two convs.)
     Mutant("compose_drops_first_padding", "fxfuse/ir/folds.py",
-           "padding = tuple(a + b for a, b in zip(first.padding, second.padding))",
-           "padding = tuple(b for a, b in zip(first.padding, second.padding))",
-           (KERNELS, f"{RULES}/test_sequential.py"), "composed padding p2 instead of p1 + p2"),
+           "padding = tuple(a + st * b for a, b, st in zip(first.padding, second.padding, s1))",
+           "padding = tuple(st * b for a, b, st in zip(first.padding, second.padding, s1))",
+           (KERNELS, f"{RULES}/test_sequential.py"), "composed padding s1·p2 instead of p1 + s1·p2"),
     Mutant("compose_bias_ignores_first_bias", "fxfuse/ir/folds.py",
            "bias = second.bias + (taps_sum * first.bias[idx]).sum(dim=1)", "bias = second.bias",
            (KERNELS, f"{RULES}/test_sequential.py"), "composed bias b2 instead of b2 + Σ W2·b1"),
@@ -108,10 +108,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "cols = torch.arange(s_in, device=weight.device)[None, :].expand(c_out, s_in)",
            (KERNELS, ONLINE), "a more-grouped branch added into the first input channels, not its block diagonal"),
     # --------------------------------------------------------------------- online re-parameterization (OREPA)
-    Mutant("online_kernel_ignores_branch_scale", "fxfuse/expand/online.py",
+    Mutant("online_kernel_ignores_branch_scale", "fxfuse/expansion/online.py",
            "else conv_then_affine(spec, layer.affine()))", "else spec)",
            (ONLINE,), "the online kernel leaves out a branch's linearized-BN scale (the twin applies it)"),
-    Mutant("online_kernel_pad_border_not_shift", "fxfuse/expand/online.py",
+    Mutant("online_kernel_pad_border_not_shift", "fxfuse/expansion/online.py",
            "spec = conv_then_affine(spec, layer.affine()).with_(padding=layer.padding)",
            "spec = conv_then_affine(spec, ChannelAffine(layer.scale, torch.zeros_like(layer.scale)))"
            ".with_(padding=layer.padding)",
@@ -181,7 +181,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "spec = folds.scale_conv(folds.conv_then_affine(pool.spec, ChannelAffine(affine.scale, 0 * affine.shift)),"
            " coef)",
            (f"{RULES}/test_branch_sum.py",), "BN(avg_pool(x)) merged as the scaled pool kernel without the BN shift"),
-    Mutant("avg_pool_padded_count_exclude_is_a_conv", "fxfuse/ir/read.py",
+    Mutant("avg_pool_padded_count_exclude_is_a_conv", "fxfuse/ir/read/layers.py",
            "if (not cip and any(as_tuple(p, ndim))) or ceil or div is not None:",
            "if ceil or div is not None:",
            (f"{RULES}/test_branch_sum.py",), "a padded count_include_pad=False pool read as a 1/k² conv"),
@@ -353,9 +353,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         chosen = [replace(m, tests=tuple(t for t in m.tests if t not in args.exclude)) for m in chosen]
         chosen = [m for m in chosen if m.tests]
     if args.list:
+        stale = 0
         for m in chosen:
-            print(f"{m.name:44} {m.path:34} {m.what}")
-        return 0
+            path = ROOT / m.path
+            found = path.read_text().count(m.old) if path.is_file() else 0
+            stale += found != 1
+            mark = "" if found == 1 else f"  [STALE: the text to mutate occurs {found} times]"
+            print(f"{m.name:44} {m.path:34} {m.what}{mark}")
+        return 1 if stale else 0
     if not args.no_baseline:
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
         problem = baseline(tests, args.timeout * 2)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxfuse
-from fxfuse.expand import Branch, ExpandedConv2d, Geometry, Plan
+from fxfuse.expansion import Branch, ConvGeometry, ExpandedConv2d, Plan
 from fxfuse.models import build, names, randomize_batchnorm_
 from fxfuse.verify import compare
 
@@ -311,7 +311,7 @@ def test_train_eval_modes_and_state_dict_round_trip() -> None:
 
 def test_bn_and_pad_train_border_is_bn_of_zero() -> None:
     """Train mode: BN on the unpadded input (batch statistics), border = BN(0) from the running statistics."""
-    from fxfuse.expand import BNAndPad
+    from fxfuse.expansion import BNAndPad
 
     layer = BNAndPad(3, (1, 2)).double()
     randomize_batchnorm_(layer, 0)
@@ -478,21 +478,34 @@ def test_inplace_and_errors() -> None:
 
 
 def test_geometry_rules() -> None:
-    g = Geometry(4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, False, True)
+    g = ConvGeometry(4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, False)
     assert g.aligned_padding((1, 1)) == (0, 0) and g.aligned_padding((1, 3)) == (0, 1) and g.identity_fits
-    valid = Geometry(4, 4, (3, 3), (1, 1), (0, 0), (1, 1), 1, False, True)
+    valid = ConvGeometry(4, 4, (3, 3), (1, 1), (0, 0), (1, 1), 1, False)
     assert valid.aligned_padding((1, 1)) is None and not valid.identity_fits
-    dilated = Geometry(4, 4, (5, 5), (1, 1), (4, 4), (2, 2), 1, False, True)
+    dilated = ConvGeometry(4, 4, (5, 5), (1, 1), (4, 4), (2, 2), 1, False)
     assert dilated.aligned_padding((1, 1)) == (0, 0) and dilated.aligned_padding((3, 3)) == (2, 2)
     assert dilated.identity_fits and not dilated.avg_pool_fits
-    even = Geometry(4, 4, (2, 2), (1, 1), (1, 1), (1, 1), 1, False, True)
+    even = ConvGeometry(4, 4, (2, 2), (1, 1), (1, 1), (1, 1), 1, False)
     assert even.aligned_padding((1, 1)) is None and not even.identity_fits
+
+
+def test_one_geometry_type() -> None:
+    """``ConvGeometry`` is one type: what schemes see, what fxfuse.testing draws, what a ConvSpec has."""
+    import fxfuse.ir
+    import fxfuse.testing
+
+    assert ConvGeometry is fxfuse.ir.ConvGeometry is fxfuse.testing.ConvGeometry
+    g = ConvGeometry(4, 6, (3, 5), (2, 2), (1, 2), (1, 1), 2, True)
+    conv = g.conv()
+    assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (6, 2, 3, 5)
+    spec = fxfuse.ir.ConvSpec(conv.weight.detach(), torch.ones(6), conv.stride, conv.padding, conv.dilation, 2)
+    assert spec.geometry == g
 
 
 # -------------------------------------------------------------------------------------- a user scheme
 def test_user_scheme_end_to_end() -> None:
-    @fxfuse.expand.register_scheme("test_wide_1x1")
-    def wide(g: Geometry, copies: int = 2) -> Plan:
+    @fxfuse.expansion.register_scheme("test_wide_1x1")
+    def wide(g: ConvGeometry, copies: int = 2) -> Plan:
         """1x1-BN branches (``copies`` of them) and a BN-free 1x1→kxk chain."""
         if g.pointwise or g.aligned_padding((1, 1)) is None:
             return Plan(notes=("no 1x1 room",))
@@ -500,9 +513,9 @@ def test_user_scheme_end_to_end() -> None:
                     + (Branch("1x1_kxk", bn=False, internal_channels=2 * g.in_channels),))
 
     try:
-        assert fxfuse.expand.get_scheme("test_wide_1x1") is wide
+        assert fxfuse.expansion.get_scheme("test_wide_1x1") is wide
         with pytest.raises(ValueError, match="already registered"):
-            fxfuse.expand.register_scheme("test_wide_1x1")(lambda g: [])
+            fxfuse.expansion.register_scheme("test_wide_1x1")(lambda g: [])
         model = f64_eval(tiny_net())
         x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
         expanded = fxfuse.expand(model, x, scheme=wide.with_options(copies=3))
@@ -520,8 +533,8 @@ def test_user_scheme_end_to_end() -> None:
         assert conv_geometries_of(collapsed) == conv_geometries_of(plain)
         assert max_rel_error(run(collapsed, x), run(expanded, x)) <= RTOL
     finally:
-        fxfuse.expand.unregister_scheme("test_wide_1x1")
-    assert "test_wide_1x1" not in {s.name for s in fxfuse.expand.registered_schemes()}
+        fxfuse.expansion.unregister_scheme("test_wide_1x1")
+    assert "test_wide_1x1" not in {s.name for s in fxfuse.expansion.registered_schemes()}
 
 
 # ------------------------------------------------------------------------------ quantization readiness

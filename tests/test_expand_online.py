@@ -18,7 +18,7 @@ from test_expand import SCHEMES, blocks, check_expanded, conv_geometries_of, max
 from torch import nn
 
 import fxfuse
-from fxfuse.expand.online import ChannelScale, OnlineConv2d, ScaleAndPad
+from fxfuse.expansion.online import ChannelScale, OnlineConv2d, ScaleAndPad
 from fxfuse.models import randomize_batchnorm_
 
 RTOL = 1e-10

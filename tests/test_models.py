@@ -336,7 +336,7 @@ def test_is_conv_check_can_fail() -> None:
     with pytest.raises(AssertionError):
         _check_is_conv(block)
 
-    class ZeroPadAfterBN(M.BNAndPad):
+    class ZeroPadAfterBN(M.PadThenBN):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.pad(self.bn(x), [self.pad] * 4)
 

@@ -338,7 +338,7 @@ def compose(first: ConvSpec, second: ConvSpec) -> ConvSpec:
     kernel is 1 and the second's larger, only every ``s1``-th tap is nonzero: the result keeps kernel ``k2`` with
     dilation ``s1`` there. The output size is the second's for every input size. A 1x1 first conv takes a shorter
     path: one product per group (equal groups), or a per-channel product (a depthwise second, e.g. a pool); online
-    re-parameterization (fxfuse.expand.online) runs it in every training step."""
+    re-parameterization (fxfuse.expansion.online) runs it in every training step."""
     s1 = tuple(first.stride)
     idx = input_channel_index(second.weight.shape[0], second.weight.shape[1], second.groups, second.weight.device)
     taps_sum = second.weight.sum(dim=tuple(range(2, second.weight.dim())))

@@ -8,16 +8,16 @@ from .blocks import (
     ACNet,
     BNAfterSumBlock,
     BNAfterSumNet,
-    BNAndPad,
     DBBBlock,
     DBBNet,
     MobileOneBlock,
     MobileOneNet,
     MobileOneUnit,
+    PadThenBN,
 )
 from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .dbb_mobile import DBBDepthwiseUnit, DBBMobileBlock, DBBMobileNet
-from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
+from .repvgg_net import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
 from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "ACNet",
     "BNAfterSumBlock",
     "BNAfterSumNet",
-    "BNAndPad",
+    "PadThenBN",
     "DBBBlock",
     "DBBDepthwiseUnit",
     "DBBMobileBlock",

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .repvgg import check_groups, conv_bn, conv_spec
+from .repvgg_net import check_groups, conv_bn, conv_spec
 
 __all__ = [
     "ACBlock",
     "ACNet",
     "BNAfterSumBlock",
     "BNAfterSumNet",
-    "BNAndPad",
+    "PadThenBN",
     "DBBBlock",
     "DBBNet",
     "MobileOneBlock",
@@ -66,8 +66,9 @@ class ACBlock(nn.Module):
         return [self.deploy_conv_spec()]
 
 
-class BNAndPad(nn.Module):
-    """``bn(F.pad(x, [pad] * 4))`` (zero padding) when ``pad > 0``, else ``bn(x)``.
+class PadThenBN(nn.Module):
+    """``bn(F.pad(x, [pad] * 4))`` (zero padding) when ``pad > 0``, else ``bn(x)``: the eval-mode spelling of DBB's
+    BN-and-pad (the trainable one is :class:`fxfuse.expansion.BNAndPad`).
 
     In eval mode this equals DBB's "BN, then pad with BN(0)" since BN is a per-channel affine map,
     so the padded border holds exactly what the following kxk conv would see in the original DBB.
@@ -94,8 +95,8 @@ class DBBBlock(nn.Module):
 
     * ``origin``: kxk conv-BN (padding k//2);
     * ``branch_1x1``: 1x1 conv-BN (only when k > 1);
-    * ``branch_avg``: 1x1 conv (bias-free, groups) -> BNAndPad(k//2) -> AvgPool2d(k, stride, 0) -> BN;
-    * ``branch_1x1_kxk``: 1x1 conv (in -> internal, groups, bias-free) -> BNAndPad(k//2)
+    * ``branch_avg``: 1x1 conv (bias-free, groups) -> PadThenBN(k//2) -> AvgPool2d(k, stride, 0) -> BN;
+    * ``branch_1x1_kxk``: 1x1 conv (in -> internal, groups, bias-free) -> PadThenBN(k//2)
       -> kxk conv (padding 0, stride, groups, bias-free) -> BN;
 
     then ReLU. ``internal_channels`` defaults to ``in_channels``. Unlike the official code the
@@ -128,7 +129,7 @@ class DBBBlock(nn.Module):
         self.branch_avg = nn.Sequential(
             OrderedDict(
                 conv=nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False),
-                bn=BNAndPad(out_channels, p),
+                bn=PadThenBN(out_channels, p),
                 avg=nn.AvgPool2d(k, stride=stride, padding=0),
                 avgbn=nn.BatchNorm2d(out_channels),
             )
@@ -136,7 +137,7 @@ class DBBBlock(nn.Module):
         self.branch_1x1_kxk = nn.Sequential(
             OrderedDict(
                 conv1=nn.Conv2d(in_channels, internal, 1, groups=groups, bias=False),
-                bn1=BNAndPad(internal, p),
+                bn1=PadThenBN(internal, p),
                 conv2=nn.Conv2d(internal, out_channels, k, stride=stride, padding=0, groups=groups, bias=False),
                 bn2=nn.BatchNorm2d(out_channels),
             )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .blocks import ACNet, BNAfterSumNet, DBBNet, MobileOneNet
-from .repvgg import REPVGG_CONFIGS, repvgg
+from .repvgg_net import REPVGG_CONFIGS, repvgg
 from .zoo_form import zoo_form
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import _BlockNet
-from .repvgg import conv_bn, conv_spec
+from .repvgg_net import conv_bn, conv_spec
 
 __all__ = ["DBBDepthwiseUnit", "DBBMobileBlock", "DBBMobileNet"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .repvgg import RepVGGBlock
+from .repvgg_net import RepVGGBlock
 
 __all__ = ["AssertingBatchNorm2d", "ZooRepVGGBlock", "zoo_form"]
 

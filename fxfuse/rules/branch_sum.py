@@ -34,7 +34,9 @@ def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
 
 
 @dataclass
-class Branch:
+class Term:
+    """One term of the sum read as a conv of ``input`` (scaled by its coefficient ``coef``)."""
+
     input: fx.Node
     spec: ConvSpec
     is_conv: bool
@@ -81,7 +83,7 @@ def _flatten(ctx: RewriteContext, root: fx.Node) -> Optional[Tuple[List[Tuple[fl
     return (terms, inner) if visit(root, 1.0) else None
 
 
-def _affine_over_pool(ctx: RewriteContext, coef: float, term: fx.Node) -> Optional[Branch]:
+def _affine_over_pool(ctx: RewriteContext, coef: float, term: fx.Node) -> Optional[Term]:
     """``a_n(…a_1(avg_pool(x)))`` (per-channel affines along the channels — BN, ``x·c + d`` — each the only user
     of the one below) read as one depthwise conv on ``x``: the pool's ``1/∏k`` kernel scaled by the composed ``a``,
     bias the composed shift. Exact when the pool is a conv (``count_include_pad=True``, no ``ceil_mode`` or
@@ -112,10 +114,10 @@ def _affine_over_pool(ctx: RewriteContext, coef: float, term: fx.Node) -> Option
     if pool is None:
         return None
     spec = folds.scale_conv(folds.conv_then_affine(pool.spec, affine), coef)
-    return Branch(pool.input, spec, False, None, term, coef, "affine_pool", tuple(under))
+    return Term(pool.input, spec, False, None, term, coef, "affine_pool", tuple(under))
 
 
-def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, shape) -> Branch:
+def _read_term(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, shape) -> Term:
     read = ctx.read.as_conv(term)
     usable = ctx.single_user(term) in chain and term.op != "placeholder"
     if usable and isinstance(read, Refusal) and ctx.read.avg_pool(term) is not None:
@@ -133,12 +135,12 @@ def _read_branch(ctx: RewriteContext, coef: float, term: fx.Node, chain: set, sh
                 source, spec = crop[0], folds.uncrop(spec, crop[1])
             else:
                 ctx.skip(term, refusal.code, refusal.reason)
-        return Branch(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef, read.kind)
+        return Term(source, folds.scale_conv(spec, coef), read.kind == "conv", read.like, term, coef, read.kind)
     spec = folds.identity_as_conv(shape[1], len(shape) - 2, device=ctx.read.device)
-    return Branch(term, folds.scale_conv(spec, coef), False, None, None, coef)
+    return Term(term, folds.scale_conv(spec, coef), False, None, None, coef)
 
 
-def _report_leftovers(ctx: RewriteContext, leftovers: List[Tuple[Branch, Reason, str]]) -> None:
+def _report_leftovers(ctx: RewriteContext, leftovers: List[Tuple[Term, Reason, str]]) -> None:
     """Every pool or per-channel affine term that stays in the sum is named with why (never silent): the term, and
     for an affine over a pool the pool too."""
     for b, code, reason in leftovers:
@@ -167,19 +169,19 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     chain = {node, *inner}
     linear_merges, terms = _merge_linears(ctx, terms, chain, shape)
 
-    groups: Dict[fx.Node, List[Branch]] = {}
+    groups: Dict[fx.Node, List[Term]] = {}
     others: List[Tuple[float, fx.Node]] = []
     for coef, term in terms:
         if ctx.shape(term) != shape or len(shape) < 3:
             others.append((coef, term))  # broadcasting term: not a branch
             continue
-        b = _read_branch(ctx, coef, term, chain, shape)
+        b = _read_term(ctx, coef, term, chain, shape)
         groups.setdefault(b.input, []).append(b)
 
-    merges: List[Tuple[ConvSpec, fx.Node, Optional[Tensor], List[Branch]]] = []
-    leftovers: List[Tuple[Branch, Reason, str]] = []  # with the code and sentence of why each stays
+    merges: List[Tuple[ConvSpec, fx.Node, Optional[Tensor], List[Term]]] = []
+    leftovers: List[Tuple[Term, Reason, str]] = []  # with the code and sentence of why each stays
     for source, branches in groups.items():
-        by_geometry: Dict[tuple, List[Branch]] = {}
+        by_geometry: Dict[tuple, List[Term]] = {}
         for b in branches:
             by_geometry.setdefault((b.spec.stride, b.spec.centre(), b.spec.padding_mode), []).append(b)
         geos = ", ".join(f"stride {s} centre {c}" for s, c, _ in by_geometry)
@@ -204,7 +206,7 @@ def branch_sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
                 more = f"merging these branches would increase the work (groups expand to {merged.groups})"
                 ctx.skip(node, Reason.MORE_WORK, more)
                 # Branches of identical geometry still merge for free (the merged kernel is the size of one).
-                same: Dict[tuple, List[Branch]] = {}
+                same: Dict[tuple, List[Term]] = {}
                 for b in part:
                     same.setdefault((b.spec.kernel_size, b.spec.dilation, b.spec.padding, b.spec.groups), []).append(b)
                 for sub in same.values():

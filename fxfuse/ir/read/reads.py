@@ -14,8 +14,10 @@ from ..algebra import ChannelAffine, ConvSpec
 
 @dataclass(frozen=True)
 class ConvRead:
-    """``node = spec(input)``; ``kind`` is ``conv``, ``conv_transpose``, ``avg_pool`` or ``affine``.
-    ``like`` is the original weight (dtype/device/layout/requires_grad for the rewritten module)."""
+    """A read result, not a geometry: the node's input, the conv it computes (``node = spec(input)``; its
+    hyper-parameters are ``spec.geometry``) and which op it was read from — ``kind`` is ``conv``,
+    ``conv_transpose``, ``avg_pool`` or ``affine``. ``like`` is the original weight (dtype/device/layout/
+    requires_grad for the rewritten module)."""
 
     input: fx.Node
     spec: ConvSpec

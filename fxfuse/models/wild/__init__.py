@@ -12,8 +12,9 @@ convolving two kernels). ``CORPUS`` maps a name to (factory, example input shape
 buffer brought in with ``type_as``, ``torch.finfo(x.dtype)`` — around RepVGG blocks that must still collapse, in
 whatever dtype the model is run (tests/test_dtype_corpus.py).
 
-The networks live by family in :mod:`.dbb`, :mod:`.ecb`, :mod:`.blocks`, :mod:`.detection` and :mod:`.dtypes`
-(:mod:`.common`: conv-BN and the RepVGG block they share); their names stay importable from here.
+The networks live by family in :mod:`.dbb_published`, :mod:`.ecb`, :mod:`.spellings` (blocks spelled the way
+tracing finds them), :mod:`.detection` and :mod:`.dtypes` (:mod:`.common`: conv-BN and the RepVGG block they share);
+their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from .blocks import (
+from .common import conv_bn
+from .dbb_published import DBBNet
+from .detection import FCOSHeadNet, GridHeadNet, SinePositionNet, TinyYolo
+from .dtypes import CastToWeightNet, ForwardConstantsNet, TypeAsBufferNet
+from .ecb import ECBNet
+from .spellings import (
     AliasedInplaceAdd,
     CatDecoder,
     FlatWeightNet,
@@ -33,11 +39,6 @@ from .blocks import (
     TokenMLP,
     hooked_conv_bn,
 )
-from .common import conv_bn
-from .dbb import DBBNet
-from .detection import FCOSHeadNet, GridHeadNet, SinePositionNet, TinyYolo
-from .dtypes import CastToWeightNet, ForwardConstantsNet, TypeAsBufferNet
-from .ecb import ECBNet
 
 __all__ = ["CORPUS", "DTYPE_CORPUS", "make", "conv_bn", "DBBNet", "ReshapeNet"]
 

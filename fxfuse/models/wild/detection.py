@@ -34,13 +34,16 @@ class RepConv(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         if hasattr(self, "rbr_reparam"):
-            return self.act(self.rbr_reparam(inputs))
+            return self.act(self.rbr_reparam(inputs))  # type: ignore[operator]  # set by YOLOv7's deploy step
         id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
         return self.act(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)
 
 
 class Detect(nn.Module):
     """YOLOv5's head: a grid cached per feature-map shape, box centres written in place with ``y[..., 0:2] = …``."""
+
+    anchor_grid: Tensor  # buffers (register_buffer)
+    stride: Tensor
 
     def __init__(self, ch: Tuple[int, ...], nc: int = 2, na: int = 2) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ class CastToWeightNet(nn.Module):
         self.fc = nn.Linear(16, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.stem.conv.weight.dtype)
+        x = x.to(self.stem.conv.weight.dtype)  # type: ignore[union-attr,arg-type]  # nn.Sequential attribute: untyped
         x = self.stages(F.relu(self.stem(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
@@ -56,6 +56,9 @@ class ForwardConstantsNet(nn.Module):
 class TypeAsBufferNet(nn.Module):
     """Per-channel scales stored as float32 buffers (LayerScale-like, not trained) and brought to the feature's
     dtype with ``type_as`` after each block (``.to(bfloat16)`` of the model casts them too)."""
+
+    scale1: Tensor  # buffers (register_buffer)
+    scale2: Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,20 +10,26 @@ from torch import Tensor, nn
 
 
 # --------------------------------------------------------------------- 3. ECBSR's edge-oriented block
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """The bias of a conv built with one (``Optional`` in the stubs)."""
+    assert conv.bias is not None
+    return conv.bias
+
+
 class SeqConv3x3(nn.Module):
     """ECBSR: a 1x1 conv, its output padded with its own bias, then a 3x3 conv (dense, or depthwise with a fixed
     Sobel / Laplacian mask times a learnable scale)."""
 
     def __init__(self, seq_type: str, inp: int, out: int, depth_multiplier: float = 2.0) -> None:
         super().__init__()
-        self.type, self.out_planes = seq_type, out
+        self.type, self.out_planes = seq_type, out  # type: ignore[method-assign,assignment]  # ECBSR's name hides Module.type
         if seq_type == "conv1x1-conv3x3":
             self.mid_planes = int(out * depth_multiplier)
             conv0, conv1 = nn.Conv2d(inp, self.mid_planes, 1), nn.Conv2d(self.mid_planes, out, 3)
-            self.k0, self.b0, self.k1, self.b1 = conv0.weight, conv0.bias, conv1.weight, conv1.bias
+            self.k0, self.b0, self.k1, self.b1 = conv0.weight, _bias(conv0), conv1.weight, _bias(conv1)
             return
         conv0 = nn.Conv2d(inp, out, 1)
-        self.k0, self.b0 = conv0.weight, conv0.bias
+        self.k0, self.b0 = conv0.weight, _bias(conv0)
         self.scale = nn.Parameter(torch.randn(out, 1, 1, 1) * 0.5)
         self.bias = nn.Parameter(torch.randn(out) * 0.5)
         mask = torch.zeros(out, 1, 3, 3)
@@ -47,9 +53,8 @@ class SeqConv3x3(nn.Module):
         return F.conv2d(input=y0, weight=self.scale * self.mask, bias=self.bias, stride=1, groups=self.out_planes)
 
     def rep_params(self) -> Tuple[Tensor, Tensor]:
-        device = self.k0.get_device()
-        if device < 0:
-            device = None
+        index = self.k0.get_device()
+        device = index if index >= 0 else None  # get_device() is -1 on the CPU
         if self.type == "conv1x1-conv3x3":
             rk = F.conv2d(input=self.k1, weight=self.k0.permute(1, 0, 2, 3))
             rb = torch.ones(1, self.mid_planes, 3, 3, device=device) * self.b0.view(1, -1, 1, 1)
@@ -91,13 +96,13 @@ class ECB(nn.Module):
 
     def rep_params(self) -> Tuple[Tensor, Tensor]:
         k0, b0 = self.conv3x3.weight, self.conv3x3.bias
+        assert b0 is not None  # conv3x3 is built with a bias
         (k1, b1), (k2, b2), (k3, b3) = (b.rep_params() for b in (self.conv1x1_3x3, self.conv1x1_sbx,
                                                                    self.conv1x1_lpl))
         rk, rb = k0 + k1 + k2 + k3, b0 + b1 + b2 + b3
         if self.with_idt:
-            device = rk.get_device()
-            if device < 0:
-                device = None
+            index = rk.get_device()
+            device = index if index >= 0 else None  # get_device() is -1 on the CPU
             k_idt = torch.zeros(self.out_planes, self.out_planes, 3, 3, device=device, dtype=rk.dtype)
             for i in range(self.out_planes):
                 k_idt[i, i, 1, 1] = 1.0

@@ -1,6 +1,6 @@
 """Online re-parameterization (OREPA, Hu et al., arXiv 2204.00826): train an expanded block as ONE conv.
 
-An offline block (:class:`~fxfuse.expand.blocks.ExpandedConv2d`) runs every branch on the feature map, so a
+An offline block (:class:`~fxfuse.expansion.modules.ExpandedConv2d`) runs every branch on the feature map, so a
 training step costs what all branches cost. A BatchNorm inside a branch normalizes with batch statistics in
 training, which is not a linear map of the block input, so the branches cannot be summed before the data
 arrives. :func:`make_online` makes every block linear during training:
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..ir.algebra import ChannelAffine, ConvSpec, Refusal
+from ..ir.algebra import ChannelAffine, ConvGeometry, ConvSpec, Refusal
 from ..ir.folds import (
     affine_as_conv,
     avg_pool_as_conv,
@@ -49,8 +49,8 @@ from ..ir.folds import (
     why_not_on_one_grid,
 )
 from ..reasons import Reason
-from .blocks import BNAndPad, ExpandedConv2d
-from .scheme import Geometry, Pair
+from .modules import BNAndPad, ExpandedConv2d, submodule
+from .scheme import Pair, pair
 
 
 class ChannelScale(nn.Module):
@@ -164,7 +164,7 @@ def _branch_spec(branch: nn.Module, channels: int, like: Tensor) -> Tuple[Option
                     return None, refusal
             spec = _then(spec, nxt)
         elif isinstance(layer, nn.AvgPool2d) and _pool_is_linear(layer) and spec is not None:
-            k, s, p = (_pair(v) for v in (layer.kernel_size, layer.stride, layer.padding))
+            k, s, p = (pair(v) for v in (layer.kernel_size, layer.stride, layer.padding))
             pool = avg_pool_as_conv(spec.out_channels, k, s, p, like.dtype, like.device)
             refusal = why_not_composable(spec, pool)
             if refusal is not None:
@@ -177,20 +177,13 @@ def _branch_spec(branch: nn.Module, channels: int, like: Tensor) -> Tuple[Option
     return spec, None
 
 
-def _pair(v: object) -> Pair:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[1]))
-    assert isinstance(v, int)
-    return (v, v)
-
-
 def _pool_is_linear(pool: nn.AvgPool2d) -> bool:
     return pool.count_include_pad and not pool.ceil_mode and pool.divisor_override is None
 
 
 def branch_specs(block: ExpandedConv2d) -> Tuple[List[ConvSpec], Optional[str]]:
     """Every branch of ``block`` (main first) as a conv spec, or ``([], why not)``."""
-    like = block.main.conv.weight
+    like = submodule(block.main, "conv", nn.Conv2d).weight
     specs: List[ConvSpec] = []
     for name, branch in [("main", block.main), *block.branches.items()]:
         spec, refusal = _branch_spec(branch, block.in_channels, like)
@@ -206,7 +199,7 @@ def branch_specs(block: ExpandedConv2d) -> Tuple[List[ConvSpec], Optional[str]]:
 def equivalent_conv(block: ExpandedConv2d) -> Tuple[Tensor, Tensor]:
     """The kernel and bias of ``main(x) + Σ branches(x)`` for a block whose branches are linear (after
     :func:`make_online`), on the main conv's geometry; computed outside autocast in the parameters' dtype."""
-    device_type = block.main.conv.weight.device.type
+    device_type = submodule(block.main, "conv", nn.Conv2d).weight.device.type
     with torch.autocast(device_type, enabled=False):
         specs, why = branch_specs(block)
         if why is not None:
@@ -252,14 +245,15 @@ def make_online(block: ExpandedConv2d) -> Tuple[Optional[OnlineConv2d], Tuple[st
         if "bn" in main:
             main["bn"] = lin(main["bn"], "main.bn")
         else:
-            conv = main["conv"]
+            conv = submodule(block.main, "conv", nn.Conv2d)
             main["bn"] = ChannelScale(torch.ones_like(conv.weight[:, 0, 0, 0]).detach(), None)
             notes.append("main conv got a per-channel scale (start 1)")
     branches: OrderedDict[str, nn.Module] = OrderedDict()
     for key, branch in block.branches.items():
         if isinstance(branch, nn.Sequential):
-            branches[key] = nn.Sequential(OrderedDict((n, lin(m, f"{key}.{n}")) for n, m in branch.named_children()))
-            first = branches[key][0]
+            seq = nn.Sequential(OrderedDict((n, lin(m, f"{key}.{n}")) for n, m in branch.named_children()))
+            branches[key] = seq
+            first = seq[0]
             if isinstance(first, ChannelScale):
                 first.reads_input = True
         else:
@@ -297,14 +291,14 @@ def _kernel_kind(branch: nn.Module) -> str:
 def _affine_of(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     """Eval affine of a BN: ``a = γ/√(σ²+ε)``, ``c = β − a·μ`` (a zero-γ BN gives ``a = c = 0`` exactly)."""
     with torch.no_grad():
+        assert bn.running_mean is not None and bn.running_var is not None
         w = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
         b = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        assert bn.running_mean is not None and bn.running_var is not None
         a = w * torch.rsqrt(bn.running_var + bn.eps)
         return a, b - a * bn.running_mean
 
 
-def _geometry_of(block: ExpandedConv2d) -> Geometry:
-    conv = block.main.conv
-    return Geometry(block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
-                    block.dilation, block.groups, conv.bias is not None, block.post is not None)
+def _geometry_of(block: ExpandedConv2d) -> ConvGeometry:
+    conv = submodule(block.main, "conv", nn.Conv2d)
+    return ConvGeometry(block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding,
+                        block.dilation, block.groups, conv.bias is not None)

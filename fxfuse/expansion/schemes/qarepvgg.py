@@ -9,11 +9,12 @@ at ``-I``."""
 
 from __future__ import annotations
 
-from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
+from ...ir.algebra import ConvGeometry
+from ..scheme import Branch, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("qarepvgg")
-def qarepvgg(g: Geometry) -> Plan:
+def qarepvgg(g: ConvGeometry) -> Plan:
     """kxk-BN + 1x1 + identity, then one BN after the sum."""
     if g.pointwise:
         return Plan(notes=("QARepVGG blocks are kxk: a 1x1 conv's BN-free identity would have no 1x1 branch to "
@@ -23,6 +24,4 @@ def qarepvgg(g: Geometry) -> Plan:
         return Plan(notes=(f"no 1x1 branch: {reason}",))
     plan = PlanBuilder([Branch("conv", (1, 1), bn=False)])
     plan.identity(g, bn=False)
-    if not g.has_bn:
-        plan.notes.append("no BatchNorm after the sum: the conv has none")
-    return plan.plan(post_bn=g.has_bn)
+    return plan.plan(post_bn=True)  # a conv without BN gets none after the sum (Plan.post_bn)

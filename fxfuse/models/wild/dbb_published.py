@@ -21,8 +21,9 @@ class BNAndPadLayer(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         output = self.bn(input)
         if self.pad_pixels > 0:
-            pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
-                self.bn.running_var + self.bn.eps)
+            # DBB's code reads the BN's running statistics as tensors (Optional[Tensor] in the stubs)
+            pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(  # type: ignore[operator]
+                self.bn.running_var + self.bn.eps)  # type: ignore[operator,arg-type]
             output = F.pad(output, [self.pad_pixels] * 4)
             pad_values = pad_values.view(1, -1, 1, 1)
             output[:, :, 0:self.pad_pixels, :] = pad_values

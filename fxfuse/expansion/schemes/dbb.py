@@ -8,11 +8,12 @@ undilated convs only). A 1x1 conv gets the 1x1→1x1 chain only."""
 
 from __future__ import annotations
 
-from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
+from ...ir.algebra import ConvGeometry
+from ..scheme import Branch, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("dbb")
-def dbb(g: Geometry) -> Plan:
+def dbb(g: ConvGeometry) -> Plan:
     """kxk-BN + 1x1-BN + (1x1→kxk)-BN + (1x1→avg)-BN where the geometry allows."""
     plan = PlanBuilder()
     plan.pointwise(g)

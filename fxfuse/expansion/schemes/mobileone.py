@@ -6,11 +6,12 @@ over-parameterized variant, 1 in S1–S4), the 1x1 "scale" branch for kernels > 
 
 from __future__ import annotations
 
-from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
+from ...ir.algebra import ConvGeometry
+from ..scheme import Branch, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("mobileone")
-def mobileone(g: Geometry, num_conv_branches: int = 4) -> Plan:
+def mobileone(g: ConvGeometry, num_conv_branches: int = 4) -> Plan:
     """``num_conv_branches`` kxk-BN + 1x1-BN + identity-BN where the geometry allows."""
     if num_conv_branches < 1:
         raise ValueError(f"num_conv_branches must be >= 1, got {num_conv_branches}")

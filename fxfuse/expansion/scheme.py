@@ -1,12 +1,13 @@
-"""Expansion schemes as data: what a scheme sees (:class:`Geometry`), what it returns (:class:`Plan` of
+"""Expansion schemes as data: what a scheme sees (one conv's
+:class:`~fxfuse.ir.algebra.ConvGeometry`), what it returns (:class:`Plan` of
 :class:`Branch` es), and the registry (:func:`register_scheme`, same style as :func:`fxfuse.register_rule`).
 
 A scheme is a function ``fn(geometry, **options) -> Plan`` (or a list of :class:`Branch`): given one conv's
 geometry it names the branches to add next to it. It does not build modules or choose parameter values; the
-block builder (:mod:`fxfuse.expand.blocks`) does both, the same way for every scheme::
+block builder (:mod:`fxfuse.expansion.modules`) does both, the same way for every scheme::
 
-    @fxfuse.expand.register_scheme("mine")
-    def mine(g: Geometry) -> Plan:
+    @fxfuse.expansion.register_scheme("mine")
+    def mine(g: ConvGeometry) -> Plan:
         if g.aligned_padding((1, 1)) is None:
             return Plan(notes=("no 1x1 branch: its tap is not on the kxk grid",))
         return Plan((Branch("conv", (1, 1)),))
@@ -15,8 +16,8 @@ Every branch reads the block input and is summed with the main branch (the user'
 Branch kinds (each ends in a BatchNorm unless ``bn=False``):
 
 * ``"conv"``: a conv of kernel ``kernel`` (default: the main kernel) with the main stride, dilation and groups,
-  padded so that its taps sit on the main conv's tap grid (:meth:`Geometry.aligned_padding`);
-* ``"identity"``: the input itself (needs :attr:`Geometry.identity_fits`);
+  padded so that its taps sit on the main conv's tap grid (:meth:`ConvGeometry.aligned_padding`);
+* ``"identity"``: the input itself (needs :attr:`ConvGeometry.identity_fits`);
 * ``"1x1_kxk"``: DBB's 1x1 conv → BN (border padded with BN(0)) → main-kernel conv (padding 0) chain;
 * ``"1x1_avg"``: DBB's 1x1 conv → BN (padded) → average pool of the main kernel (needs dilation 1).
 """
@@ -27,79 +28,19 @@ from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..ir.algebra import ConvGeometry
+
 Pair = Tuple[int, int]
+
+
+def pair(v: object) -> Pair:
+    """An int or a 2-sequence of ints (a 2d conv's kernel, stride, padding …) as ``(H, W)``."""
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1]))
+    assert isinstance(v, int), f"expected an int or a pair, got {v!r}"
+    return (v, v)
+
 BRANCH_KINDS = ("conv", "identity", "1x1_kxk", "1x1_avg")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """One ``nn.Conv2d`` as a scheme sees it (``padding`` is zero padding, per axis ``(H, W)``)."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: Pair
-    stride: Pair
-    padding: Pair
-    dilation: Pair
-    groups: int
-    bias: bool
-    has_bn: bool  # a BatchNorm2d follows the conv (and moves into the block)
-
-    @property
-    def pointwise(self) -> bool:
-        """1x1 kernel."""
-        return self.kernel_size == (1, 1)
-
-    @property
-    def depthwise(self) -> bool:
-        """One group per input channel (``groups == in_channels > 1``)."""
-        return self.groups == self.in_channels and self.groups > 1
-
-    def aligned_padding(self, kernel: Pair) -> Optional[Pair]:
-        """Zero padding that puts a ``kernel`` conv (same stride and dilation) on this conv's tap grid, or ``None``.
-
-        Per axis the windows must share their centre (``-2p + d(k-1)``, which also makes the output sizes equal)
-        and the smaller kernel's taps must be taps of the larger one: ``k' <= k``, ``k - k'`` even,
-        ``p' = p - d(k - k')/2 >= 0`` (docs/patterns.md, `branch_sum`)."""
-        out = []
-        for k, p, d, k2 in zip(self.kernel_size, self.padding, self.dilation, kernel):
-            if k2 > k or (k - k2) % 2:
-                return None
-            p2 = p - d * (k - k2) // 2
-            if p2 < 0:
-                return None
-            out.append(p2)
-        return (out[0], out[1])
-
-    def why_not_aligned(self, kernel: Pair) -> Optional[str]:
-        """Why a ``kernel`` branch cannot share this conv's tap grid (``None`` when it can)."""
-        if self.aligned_padding(kernel) is None:
-            return (f"a {kernel[0]}x{kernel[1]} kernel's taps are not on the grid of this {self.kernel_size[0]}x"
-                    f"{self.kernel_size[1]} conv (padding {self.padding}, dilation {self.dilation})")
-        return None
-
-    def why_no_identity(self) -> Optional[str]:
-        """Why the input itself cannot be a branch (``None`` when it can): it needs ``in == out``, stride 1, an
-        odd kernel and ``padding = d(k-1)/2`` (same spatial size; the identity tap is the kernel centre)."""
-        if self.in_channels != self.out_channels:
-            return f"in_channels {self.in_channels} != out_channels {self.out_channels}"
-        if self.stride != (1, 1):
-            return f"stride {self.stride}"
-        if not all(k % 2 == 1 and p == d * (k - 1) // 2
-                   for k, p, d in zip(self.kernel_size, self.padding, self.dilation)):
-            return (f"kernel {self.kernel_size} with padding {self.padding} and dilation {self.dilation} does not "
-                    "keep the spatial size around a centre tap")
-        return None
-
-    @property
-    def identity_fits(self) -> bool:
-        """The input itself can be a branch (:meth:`why_no_identity`)."""
-        return self.why_no_identity() is None
-
-    @property
-    def avg_pool_fits(self) -> bool:
-        """An average pool of the main kernel reads the same taps: dilation 1 on every axis whose kernel > 1."""
-        return all(d == 1 for d, k in zip(self.dilation, self.kernel_size) if k > 1)
 
 
 @dataclass(frozen=True)
@@ -120,7 +61,8 @@ class Branch:
 @dataclass(frozen=True)
 class Plan:
     """What a scheme adds to one conv. ``post_bn``: one BatchNorm after the sum (QARepVGG) — the user's BN, if
-    the conv had one, moves there and the main branch gets a new one; a conv without BN gets none.
+    the conv had one, moves there and the main branch gets a new one; a conv without BN gets none (the report
+    notes it).
     ``notes``: branches the scheme left out for this geometry, and why (listed in the report)."""
 
     branches: Tuple[Branch, ...] = ()
@@ -142,12 +84,12 @@ class PlanBuilder:
         else:
             self.notes.append(f"no {what} branch: {reason}")
 
-    def pointwise(self, g: Geometry, **branch: Any) -> None:
+    def pointwise(self, g: ConvGeometry, **branch: Any) -> None:
         """A 1x1 branch on the kxk kernel's centre tap (none for a 1x1 main conv: it would duplicate it)."""
         if not g.pointwise:
             self.add("1x1", Branch("conv", (1, 1), **branch), g.why_not_aligned((1, 1)))
 
-    def identity(self, g: Geometry, **branch: Any) -> None:
+    def identity(self, g: ConvGeometry, **branch: Any) -> None:
         """The identity branch, where ``in == out``, stride 1 and the conv keeps the spatial size."""
         self.add("identity", Branch("identity", **branch), g.why_no_identity())
 
@@ -168,7 +110,7 @@ class Scheme:
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
-    def plan(self, geometry: Geometry) -> Plan:
+    def plan(self, geometry: ConvGeometry) -> Plan:
         """The branches for one conv (a list of :class:`Branch` is accepted as a :class:`Plan`)."""
         out = self.fn(geometry, **dict(self.options))
         if isinstance(out, Plan):

@@ -6,11 +6,12 @@ gets the identity only (a second 1x1 would just duplicate the main kernel)."""
 
 from __future__ import annotations
 
-from ..scheme import Geometry, Plan, PlanBuilder, register_scheme
+from ...ir.algebra import ConvGeometry
+from ..scheme import Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("repvgg")
-def repvgg(g: Geometry) -> Plan:
+def repvgg(g: ConvGeometry) -> Plan:
     """kxk-BN + 1x1-BN + identity-BN where the geometry allows."""
     plan = PlanBuilder()
     plan.pointwise(g)

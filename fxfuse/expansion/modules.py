@@ -19,13 +19,14 @@ Either way the main branch keeps the user's parameters.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scheme import Branch, Geometry, Pair, Plan
+from ..ir.algebra import ConvGeometry
+from .scheme import Branch, Pair, Plan, pair
 
 INITS = ("preserve", "paper")
 
@@ -55,6 +56,7 @@ class BNAndPad(nn.Module):
         y = self.bn(x)
         bn = self.bn
         with torch.no_grad():
+            assert bn.running_mean is not None and bn.running_var is not None  # a stock BatchNorm2d's buffers
             border = -bn.running_mean * torch.rsqrt(bn.running_var + bn.eps)  # BN(0) from the running stats
             if bn.affine:
                 border = border * bn.weight + bn.bias
@@ -70,7 +72,7 @@ class ExpandedConv2d(nn.Module):
     (``in_channels`` … ``groups``) are the main conv's, i.e. those of the conv it collapses to."""
 
     def __init__(self, main: nn.Sequential, branches: OrderedDict[str, nn.Module], post: Optional[nn.Module],
-                 geometry: Geometry, scheme: str) -> None:
+                 geometry: ConvGeometry, scheme: str) -> None:
         super().__init__()
         self.main = main
         self.branches = nn.ModuleDict(branches)
@@ -94,14 +96,26 @@ class ExpandedConv2d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- building
-def _default_name(branch: Branch, g: Geometry) -> str:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def submodule(parent: nn.Module, name: str, cls: Type[_M]) -> _M:
+    """``parent.<name>``, a ``cls`` (the block builder made it one: a ``TypeError`` says otherwise). Plain
+    attribute access: online blocks call it in every forward (also under ``torch.compile``)."""
+    mod = getattr(parent, name)
+    if not isinstance(mod, cls):
+        raise TypeError(f"{name}: expected a {cls.__name__}, found a {type(mod).__name__}")
+    return mod
+
+
+def _default_name(branch: Branch, g: ConvGeometry) -> str:
     if branch.kind == "conv":
         k = branch.kernel or g.kernel_size
         return f"conv{k[0]}x{k[1]}"
     return {"identity": "identity", "1x1_kxk": "conv1x1_kxk", "1x1_avg": "conv1x1_avg"}[branch.kind]
 
 
-def internal_channels(branch: Branch, g: Geometry) -> int:
+def internal_channels(branch: Branch, g: ConvGeometry) -> int:
     """Width of a ``1x1_kxk`` chain: as DBB, ``in_channels``, or twice that for a depthwise conv."""
     if branch.internal_channels is not None:
         return branch.internal_channels
@@ -119,16 +133,17 @@ class _Factory:
     def bn(self, channels: int) -> nn.BatchNorm2d:
         return nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum, **self.kw)
 
-    def bn_pad(self, channels: int, padding: Pair) -> BNAndPad:
-        return BNAndPad(channels, padding, eps=self.eps, momentum=self.momentum, **self.kw)
+    def bn_pad(self, channels: int, padding: Sequence[int]) -> BNAndPad:
+        return BNAndPad(channels, pair(padding), eps=self.eps, momentum=self.momentum, **self.kw)
 
-    def conv(self, cin: int, cout: int, kernel: Pair, stride: Pair = (1, 1), padding: Pair = (0, 0),
-             dilation: Pair = (1, 1), groups: int = 1) -> nn.Conv2d:
-        dilation = (dilation[0] if kernel[0] > 1 else 1, dilation[1] if kernel[1] > 1 else 1)
-        return nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=False, **self.kw)
+    def conv(self, cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1),
+             padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1) -> nn.Conv2d:
+        k = pair(kernel)
+        d = (dilation[0] if k[0] > 1 else 1, dilation[1] if k[1] > 1 else 1)
+        return nn.Conv2d(cin, cout, k, pair(stride), pair(padding), d, groups, bias=False, **self.kw)
 
 
-def _branch_module(branch: Branch, g: Geometry, make: _Factory, scheme: str) -> nn.Module:
+def _branch_module(branch: Branch, g: ConvGeometry, make: _Factory, scheme: str) -> nn.Module:
     layers: List[Tuple[str, nn.Module]] = []
     if branch.kind == "conv":
         kernel = branch.kernel or g.kernel_size
@@ -156,14 +171,14 @@ def _branch_module(branch: Branch, g: Geometry, make: _Factory, scheme: str) -> 
             raise ValueError(f"scheme {scheme!r}: an average pool has no dilation (conv dilation {g.dilation})")
         layers += [("conv", make.conv(g.in_channels, g.out_channels, (1, 1), groups=g.groups)),
                    ("bn", make.bn_pad(g.out_channels, g.padding)),
-                   ("avg", nn.AvgPool2d(g.kernel_size, g.stride, 0))]
+                   ("avg", nn.AvgPool2d(pair(g.kernel_size), pair(g.stride), 0))]
     if branch.bn:
         name = {"conv": "bn", "identity": "bn", "1x1_kxk": "bn2", "1x1_avg": "avgbn"}[branch.kind]
         layers.append((name, make.bn(g.out_channels)))
     return nn.Sequential(OrderedDict(layers))
 
 
-def build_block(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], plan: Plan, g: Geometry, init: str,
+def build_block(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], plan: Plan, g: ConvGeometry, init: str,
                 scheme: str) -> ExpandedConv2d:
     """The expanded block for ``conv`` (and the ``bn`` after it), initialised by :func:`initialize`."""
     if init not in INITS:
@@ -201,6 +216,7 @@ def _eval_identity_(bn: nn.BatchNorm2d) -> None:
     """Make an eval-mode BN exactly the identity in its own dtype and in float64: ``μ = 0, γ = 1, β = 0`` and
     ``σ² = v``, the largest value of the BN's dtype ≤ ``1 - eps``, with ``eps`` nudged to ``1 - v`` (exact, so
     ``σ² + eps = 1`` with no rounding)."""
+    assert bn.running_mean is not None and bn.running_var is not None  # a stock BatchNorm2d's buffers
     v = torch.tensor(1.0 - bn.eps, dtype=torch.float64).to(bn.running_var.dtype)
     if float(v) > 1.0 - bn.eps:
         v = torch.nextafter(v, torch.zeros_like(v))
@@ -213,38 +229,41 @@ def _eval_identity_(bn: nn.BatchNorm2d) -> None:
 
 
 @torch.no_grad()
-def initialize(block: ExpandedConv2d, plan: Plan, g: Geometry, init: str, new_main_bn: bool) -> None:
+def initialize(block: ExpandedConv2d, plan: Plan, g: ConvGeometry, init: str, new_main_bn: bool) -> None:
     """Initialise the new parts of ``block`` (module docstring); the user's conv and BN are left as they are,
     except that a BN-free identity is subtracted from the main kernel when nothing else can cancel it."""
     keys = list(block.branches)
     for key, branch in zip(keys, plan.branches):
         mod = block.branches[key]
         if branch.kind == "1x1_kxk" and internal_channels(branch, g) == g.in_channels:
-            mod.conv1.weight.zero_()
-            _dirac(mod.conv1.weight, g.groups)  # DBB's identity-based 1x1
+            conv1 = submodule(mod, "conv1", nn.Conv2d)
+            conv1.weight.zero_()
+            _dirac(conv1.weight, g.groups)  # DBB's identity-based 1x1
         if branch.kind == "1x1_avg" and g.depthwise and g.in_channels == g.out_channels:
-            mod.conv.weight.zero_()
-            _dirac(mod.conv.weight, g.groups)  # DBB's depthwise average branch is the pool alone
+            conv = submodule(mod, "conv", nn.Conv2d)
+            conv.weight.zero_()
+            _dirac(conv.weight, g.groups)  # DBB's depthwise average branch is the pool alone
     if new_main_bn and init == "preserve":
-        _eval_identity_(block.main.bn)
+        _eval_identity_(submodule(block.main, "bn", nn.BatchNorm2d))
     if init == "paper":
         return
     identities = 0
     for key, branch in zip(keys, plan.branches):
         mod = block.branches[key]
         if branch.bn:
-            last = mod[-1]
+            last = list(mod.children())[-1]
+            assert isinstance(last, nn.BatchNorm2d), "a branch with bn=True ends in its BatchNorm2d"
             last.weight.zero_()
             last.bias.zero_()
         elif branch.kind == "identity":
             identities += 1
         else:
-            {"conv": lambda m: m.conv, "1x1_kxk": lambda m: m.conv2, "1x1_avg": lambda m: m.conv}[branch.kind](
-                mod).weight.zero_()
+            name = {"conv": "conv", "1x1_kxk": "conv2", "1x1_avg": "conv"}[branch.kind]
+            submodule(mod, name, nn.Conv2d).weight.zero_()
     if not identities:
         return
     cancel = next((block.branches[k] for k, b in zip(keys, plan.branches) if b.kind == "conv" and not b.bn), None)
     if cancel is None:
         raise ValueError(f"scheme {block.scheme!r}: init='preserve' needs a BN-free conv branch to cancel a BN-free "
                          "identity branch (it starts at -I); give the identity a BN or add such a branch")
-    _dirac(cancel.conv.weight, g.groups, -identities)
+    _dirac(submodule(cancel, "conv", nn.Conv2d).weight, g.groups, -identities)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from ..capture import capture_calls, trace
 from ..capture.submodules import _swap_module
 from ..errors import FusionError
 from ..ir import ops
+from ..ir.algebra import ConvGeometry
 from ..verify import compare
-from .blocks import INITS, build_block
+from .expand_report import Expanded, ExpandReport, Skipped
+from .modules import INITS, build_block
 from .online import make_online
-from .report import Expanded, ExpandReport, Skipped
-from .scheme import Geometry, SchemeLike, get_scheme
+from .scheme import SchemeLike, get_scheme
 
 Where = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 PRESERVE_RTOL = 1e-9
@@ -56,7 +58,7 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
 
     ``online=True`` (OREPA): every block's branch BatchNorms become learnable per-channel scales, the conv's own
     BatchNorm moves after the block, and each forward computes the block's equivalent kernel and runs one conv
-    (:class:`~fxfuse.expand.online.OnlineConv2d`); a block that cannot be made linear stays offline, with the
+    (:class:`~fxfuse.expansion.online.OnlineConv2d`); a block that cannot be made linear stays offline, with the
     reason in the report.
 
     ``fxfuse.reparametrize(result.eval(), example_input)`` collapses every block back into one conv of the
@@ -77,8 +79,11 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
         if not select(site.name, site.conv):
             report.skipped.append(Skipped(site.name, "not selected by `where`"))
             continue
-        geometry = _geometry(site.conv, site.bn is not None)
+        geometry = _geometry(site.conv)
         plan = chosen.plan(geometry)
+        if plan.post_bn and site.bn is None:  # the Plan contract: a conv without BN gets no BN after the sum
+            plan = dataclasses.replace(plan, post_bn=False,
+                                       notes=(*plan.notes, "no BatchNorm after the sum: the conv has none"))
         if not plan.branches:
             why = "; ".join(plan.notes) or "the scheme returned no branch"
             report.skipped.append(Skipped(site.name, f"scheme {chosen.name!r} adds no branch here: {why}"))
@@ -158,7 +163,7 @@ def _run_float64(model: nn.Module, args: Tuple[Any, ...], report: ExpandReport) 
         return None
 
 
-def _geometry(conv: nn.Conv2d, has_bn: bool) -> Geometry:
+def _geometry(conv: nn.Conv2d) -> ConvGeometry:
     pair = lambda v: (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
     kernel, dilation = pair(conv.kernel_size), pair(conv.dilation)
     if conv.padding == "valid":
@@ -167,8 +172,8 @@ def _geometry(conv: nn.Conv2d, has_bn: bool) -> Geometry:
         padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
     else:
         padding = pair(conv.padding)
-    return Geometry(conv.in_channels, conv.out_channels, kernel, pair(conv.stride), padding, dilation, conv.groups,
-                    conv.bias is not None, has_bn)
+    return ConvGeometry(conv.in_channels, conv.out_channels, kernel, pair(conv.stride), padding, dilation,
+                        conv.groups, conv.bias is not None)
 
 
 def _conv_reason(mod: nn.Module) -> Optional[str]:
@@ -229,6 +234,7 @@ def _traced_sites(work: nn.Module, gm: fx.GraphModule, report: ExpandReport) -> 
         if reason is not None:
             report.skipped.append(Skipped(name, reason))
             continue
+        assert isinstance(mod, nn.Conv2d)  # _conv_reason: only nn.Conv2d is expanded
         users = ops.real_users(node)
         if any(_is_zero_pad(u, modules) for u in users):
             report.skipped.append(Skipped(name, "its output is zero-padded next (DBB's BN-and-pad): the bias an "
@@ -264,6 +270,7 @@ def _walk_sites(work: nn.Module, args: Tuple[Any, ...], report: ExpandReport) ->
         if reason is not None:
             report.skipped.append(Skipped(name, reason))
             continue
+        assert isinstance(mod, nn.Conv2d)  # _conv_reason: only nn.Conv2d is expanded
         site = _Site(name, mod)
         parent, key = parents.get(id(mod), (None, ""))
         if type(parent) is nn.Sequential:

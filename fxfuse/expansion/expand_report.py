@@ -1,4 +1,4 @@
-"""What :func:`fxfuse.expand.expand` did: ``expanded_model.fxfuse_expand_report``."""
+"""What :func:`fxfuse.expand` did: ``expanded_model.fxfuse_expand_report``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 @dataclass(frozen=True)
 class Expanded:
-    """A conv replaced by an :class:`fxfuse.expand.blocks.ExpandedConv2d` (at the conv's module path).
+    """A conv replaced by an :class:`fxfuse.expansion.modules.ExpandedConv2d` (at the conv's module path).
     ``batch_norm``: the BatchNorm that followed it, moved into the block (its old path now holds ``nn.Identity``).
     ``notes``: branches the scheme left out for this geometry, and why. With ``expand(online=True)``: ``online``
-    whether the block computes its kernel per forward (:class:`fxfuse.expand.online.OnlineConv2d`),
+    whether the block computes its kernel per forward (:class:`fxfuse.expansion.online.OnlineConv2d`),
     ``online_notes`` what was linearized, ``offline_reason`` why the block stayed offline."""
 
     name: str

@@ -4,11 +4,12 @@ kernel's centre row / column. Only kernels larger than 1 on both axes get them (
 
 from __future__ import annotations
 
-from ..scheme import Branch, Geometry, Plan, PlanBuilder, register_scheme
+from ...ir.algebra import ConvGeometry
+from ..scheme import Branch, Plan, PlanBuilder, register_scheme
 
 
 @register_scheme("acnet")
-def acnet(g: Geometry) -> Plan:
+def acnet(g: ConvGeometry) -> Plan:
     """kxk-BN + 1xk-BN + kx1-BN (kernels > 1 on both axes)."""
     kh, kw = g.kernel_size
     if kh == 1 or kw == 1:
