@@ -111,6 +111,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("online_kernel_ignores_branch_scale", "fxfuse/expansion/online.py",
            "else conv_then_affine(spec, layer.affine()))", "else spec)",
            (ONLINE,), "the online kernel leaves out a branch's linearized-BN scale (the twin applies it)"),
+    Mutant("online_map_branch_dropped", "fxfuse/expansion/online.py",
+           "            out = out + self.branches[name](x)\n", "            pass\n",
+           (ONLINE,), "a chain run on the feature map (merge='auto') left out of the block's sum"),
     Mutant("online_kernel_pad_border_not_shift", "fxfuse/expansion/online.py",
            "spec = conv_then_affine(spec, layer.affine()).with_(padding=layer.padding)",
            "spec = conv_then_affine(spec, ChannelAffine(layer.scale, torch.zeros_like(layer.scale)))"

@@ -95,6 +95,25 @@ def test_online_equals_offline_twin(net: Tuple[nn.Module, torch.Tensor], scheme:
     assert_twin_equal(online, x, train)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_online_chain_runs_on_small_maps_and_equals_twin(train: bool) -> None:
+    """A wide DBB block: on a 2x2 map composing the 1x1 → kxk kernel costs more multiply-adds than running the
+    chain, so ``merge="auto"`` runs it on the map; on 16x16 it composes. Either way the twin's outputs and
+    gradients, and ``merge="all"``'s."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+    online = online_model(model, torch.randn(2, 32, 4, 4), "dbb")
+    block = next(iter(blocks(online).values()))
+    assert isinstance(block, OnlineConv2d) and block.merge == "auto"
+    small = torch.randn(2, 32, 2, 2, dtype=torch.float64)
+    assert block.map_branches(small) == ["conv1x1_kxk"]
+    assert block.map_branches(torch.randn(2, 32, 16, 16, dtype=torch.float64)) == []
+    assert_twin_equal(online, small, train)
+    merged_all = copy.deepcopy(online)
+    next(iter(blocks(merged_all).values())).merge = "all"
+    assert_twin_equal(merged_all, small, train)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_online_equals_twin_tiny_net(scheme: str) -> None:
     """groups, depthwise with stride 2, a 1x1 conv, convs with and without BN, in train and eval mode."""
@@ -117,7 +136,7 @@ def test_linearized_modules_and_report() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for b in blocks(online).values() for m in b.branches.modules())
     text = str(online.fxfuse_expand_report)
     assert "online=True" in text and "BatchNorm → per-channel scale: conv1x1.bn, conv1x1_kxk.bn1" in text
-    assert "conv1x1_kxk (1x1 composed into the kxk)" in text
+    assert "conv1x1_kxk (1x1 composed into the kxk, or run on the feature map" in text
     assert "no BatchNorm after the block" in text
     w, b = block.equivalent_conv()
     assert w.shape == block.main.conv.weight.shape and b.shape == (block.out_channels,)

@@ -30,7 +30,7 @@ ordinary rules, independently of :func:`equivalent_conv`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,25 +104,55 @@ class ScaleAndPad(ChannelScale):
 class OnlineConv2d(ExpandedConv2d):
     """An expanded block trained as one conv: ``post(conv(x; W_eq, b_eq))`` with ``(W_eq, b_eq) =``
     :func:`equivalent_conv` of the branch parameters, recomputed in every forward. ``online = False`` gives the
-    offline twin (``post(main(x) + Σ branches(x))``, same parameters)."""
+    offline twin (``post(main(x) + Σ branches(x))``, same parameters).
+
+    ``merge = "auto"`` (the default): a branch of two convs (DBB's 1x1 → kxk) whose kernel composition costs more
+    multiply-adds than running it on this forward's feature map (wide layers on small maps:
+    ``C_out·C_mid·C_in·k²`` against ``N·H·W·(C_mid·C_in + C_out·C_mid·k²)``) runs on the map beside the one conv
+    instead; the sum is the same linear map either way. ``merge = "all"``: every branch in the kernel."""
 
     online: bool = True
+    merge: str = "auto"
 
-    def equivalent_conv(self) -> Tuple[Tensor, Tensor]:
-        """The block's kernel and bias before ``post`` (differentiable in every branch parameter)."""
-        return equivalent_conv(self)
+    def equivalent_conv(self, on_map: Sequence[str] = ()) -> Tuple[Tensor, Tensor]:
+        """The block's kernel and bias before ``post``, without the branches named in ``on_map``
+        (differentiable in every branch parameter)."""
+        return equivalent_conv(self, on_map)
+
+    def map_branches(self, x: Tensor) -> List[str]:
+        """The branches this forward runs on the feature map (``merge = "auto"``), by multiply-add count."""
+        if self.merge == "all":
+            return []
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        out_pixels = n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        chosen = []
+        for name, branch in self.branches.items():
+            convs = [m for m in branch.children() if isinstance(m, nn.Conv2d)] if isinstance(branch, nn.Sequential) \
+                else []
+            if len(convs) != 2:
+                continue
+            first, second = convs
+            compose = second.weight.numel() * first.weight.shape[1]
+            run = n * h * w * first.weight.numel() + out_pixels * second.weight.numel()
+            if compose > run:
+                chosen.append(name)
+        return chosen
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.online or isinstance(x, fx.Proxy):
             return super().forward(x)  # the twin; traced, the rules collapse it independently
-        weight, bias = self.equivalent_conv()
+        on_map = self.map_branches(x)
+        weight, bias = self.equivalent_conv(on_map)
         out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        for name in on_map:
+            out = out + self.branches[name](x)
         if self.post is not None:
             out = self.post(out)
         return out
 
     def extra_repr(self) -> str:
-        return f"online={self.online}, " + super().extra_repr()
+        return f"online={self.online}, merge={self.merge!r}, " + super().extra_repr()
 
 
 # ------------------------------------------------------------------------------------- kernel arithmetic
@@ -181,11 +211,13 @@ def _pool_is_linear(pool: nn.AvgPool2d) -> bool:
     return pool.count_include_pad and not pool.ceil_mode and pool.divisor_override is None
 
 
-def branch_specs(block: ExpandedConv2d) -> Tuple[List[ConvSpec], Optional[str]]:
-    """Every branch of ``block`` (main first) as a conv spec, or ``([], why not)``."""
+def branch_specs(block: ExpandedConv2d, skip: Sequence[str] = ()) -> Tuple[List[ConvSpec], Optional[str]]:
+    """Every branch of ``block`` (main first) but those named in ``skip`` as a conv spec, or ``([], why not)``."""
     like = submodule(block.main, "conv", nn.Conv2d).weight
     specs: List[ConvSpec] = []
     for name, branch in [("main", block.main), *block.branches.items()]:
+        if name in skip:
+            continue
         spec, refusal = _branch_spec(branch, block.in_channels, like)
         if refusal is not None or spec is None:
             return [], f"branch {name}: {refusal.reason if refusal else 'not linear'}"
@@ -196,12 +228,13 @@ def branch_specs(block: ExpandedConv2d) -> Tuple[List[ConvSpec], Optional[str]]:
     return specs, None
 
 
-def equivalent_conv(block: ExpandedConv2d) -> Tuple[Tensor, Tensor]:
-    """The kernel and bias of ``main(x) + Σ branches(x)`` for a block whose branches are linear (after
-    :func:`make_online`), on the main conv's geometry; computed outside autocast in the parameters' dtype."""
+def equivalent_conv(block: ExpandedConv2d, skip: Sequence[str] = ()) -> Tuple[Tensor, Tensor]:
+    """The kernel and bias of ``main(x) + Σ branches(x)`` (without the branches named in ``skip``) for a block
+    whose branches are linear (after :func:`make_online`), on the main conv's geometry; computed outside autocast
+    in the parameters' dtype."""
     device_type = submodule(block.main, "conv", nn.Conv2d).weight.device.type
     with torch.autocast(device_type, enabled=False):
-        specs, why = branch_specs(block)
+        specs, why = branch_specs(block, skip)
         if why is not None:
             raise ValueError(f"block is not linear: {why}")
         merged = sum_onto(specs[0], specs[1:]) or sum_parallel(specs)  # one kernel-sized tensor per step
@@ -284,7 +317,7 @@ def _kernel_kind(branch: nn.Module) -> str:
     if any(isinstance(m, nn.AvgPool2d) for m in layers):
         return "1x1 times the pool's constant depthwise kernel"
     if len(convs) == 2:
-        return "1x1 composed into the kxk"
+        return "1x1 composed into the kxk, or run on the feature map where that costs fewer multiply-adds"
     return "zero-padded onto the main kernel's taps"
 
 
