@@ -8,7 +8,10 @@ step time and its ratio to the plain net's (the machine is shared: quote ratios)
 Peak memory: one step under ``torch.profiler.profile(profile_memory=True)``; the running sum of the CPU allocator's
 allocation/free events gives the peak bytes the step allocated above what was live when it began, plus the bytes of
 the parameters, buffers and optimizer state (so the figure is "torch tensor memory at the step's peak"). It counts
-tensors, not the process RSS (no allocator caching, no library workspaces outside torch's allocator).
+tensors, not the process RSS (no allocator caching, no library workspaces outside torch's allocator). The last
+columns leave the parameters, buffers, optimizer state and input out: what the step itself allocates (activations,
+gradients, online mode's per-step kernels). An expanded model has several times the plain net's parameters in
+either mode; online mode removes the branches' feature maps, not their parameters.
 
     python -m benchmarks.train_cost                 # resnet18 + mobilenet_v2(0.5), 32x32, batch 32, 2 threads, 3 rounds
     python -m benchmarks.train_cost --full          # 64x64, 5 rounds, and torch.compile of every online form
@@ -138,19 +141,23 @@ def main() -> None:
             if key.endswith("compiled"):
                 print(f"  {name} {key}: compiled + 2 steps in {time.perf_counter() - start:.1f} s", flush=True)
         memory = {key: peak_step_bytes(step) for key, step in steps.items()}
+        # what the step allocates above the model's parameters, buffers, optimizer state and input: activations,
+        # gradients, and online mode's per-step kernels
+        working = {key: memory[key] - step.resident_bytes() for key, step in steps.items()}
         timers = {key: make_timer(step, (), threads=args.threads) for key, step in steps.items()}
         measured = interleaved_rounds(timers, rounds, args.min_run_time)
         med = {key: statistics.median(m.median for m in ms) for key, ms in measured.items()}
         spread = {key: (min(m.median for m in ms), max(m.median for m in ms)) for key, ms in measured.items()}
         print(f"\n{name}\n")
         print("| variant | step (median of rounds) | min – max over rounds | vs plain | peak tensor memory "
-              "| vs plain |")
-        print("|---|---:|---:|---:|---:|---:|")
+              "| vs plain | of it above parameters + optimizer state | vs plain |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for key in steps:
             lo, hi = spread[key]
             print(f"| {key} | {med[key] * 1e3:.0f} ms | {lo * 1e3:.0f} – {hi * 1e3:.0f} ms | "
                   f"{med[key] / med['plain']:.2f}x | {memory[key] / 2**20:.0f} MiB | "
-                  f"{memory[key] / memory['plain']:.2f}x |", flush=True)
+                  f"{memory[key] / memory['plain']:.2f}x | {working[key] / 2**20:.0f} MiB | "
+                  f"{working[key] / working['plain']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
