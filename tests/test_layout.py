@@ -2,7 +2,6 @@
 
 * layers import downward only (LAYERS below: ir and the op table, captures, rewrite, rules, the verified loop,
   the entry points, what is built on them);
-
 * rules edit graphs only through :class:`fxfuse.RewriteContext` (no ``ctx.graph``), so every edit is counted and
   keeps the model's other users intact;
 * op targets are spelled only in the op table :mod:`fxfuse.ir.ops`: no rule, no surgery, no capture names
