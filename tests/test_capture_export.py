@@ -287,6 +287,7 @@ def test_static_exported_program_stays_static() -> None:
         fused_ep.module()(torch.randn(2, 3, 6, 6))
 
 
+@pytest.mark.slow  # a C++ compile (~40 s on 2 cores): an integration check of the AOTInductor path, not a property
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="AOTInductor needs a C++ compiler")
 def test_fused_program_runs_under_aot_inductor(tmp_path) -> None:
     """The returned program runs where the original did: AOTInductor compiles it into a package that, loaded back,
