@@ -35,6 +35,8 @@ class Reason(str, Enum):
 
     # -- a rewrite rolled back (FusionReport.rollbacks[i].code)
     OUTPUT_CHANGED = "output_changed"  # the float64 check of the rewritten graph failed
+    ILL_CONDITIONED = "ill_conditioned"  # 1e-15 relative noise in the weights already fails the check: no rewrite
+    # of this graph can be verified on this input
     ARTIFACT_DTYPE = "artifact_dtype"  # the returned model answered in another dtype or device than the original
     ARTIFACT_OVERFLOW = "artifact_overflow"  # a fused tensor is finite in float64 but not in the model's dtype
     ARTIFACT_MISMATCH = "artifact_mismatch"  # run in its own dtype, the result differs beyond that dtype's tolerance

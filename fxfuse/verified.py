@@ -20,7 +20,7 @@ from . import _dtypes
 from .artifact import Verdict, inspect, writes_state
 from .capture import Call, propagate_shapes
 from .capture.state import attributes_preserved
-from .errors import FusionError, UnfaithfulTrace
+from .errors import FusionError, IllConditioned, UnfaithfulTrace
 from .ir.graphs import fresh_copy
 from .reasons import Reason
 from .report import FusionReport, GraphStats, Rollback
@@ -62,6 +62,19 @@ class _Judged:
 def _run(gm: fx.GraphModule, args: Any, kwargs: Any) -> Any:
     with torch.no_grad(), attributes_preserved(gm):
         return gm(*args, **kwargs)
+
+
+def weight_noise(gm: fx.GraphModule, args: Any, kwargs: Any, ref: Any, rtol: float, atol: float) -> Comparison:
+    """``gm`` run with every floating parameter and buffer multiplied by ``1 + 1e-15·z`` (``z`` standard normal,
+    fixed seed) against ``ref``: how far rounding-sized changes of the weights move the output. Where that fails the
+    check itself, the check cannot tell an exact rewrite (whose folded weights differ from the original's by such
+    rounding) from a wrong one."""
+    gen = torch.Generator().manual_seed(0)
+    noisy = {name: t * (1 + 1e-15 * torch.randn(t.shape, generator=gen, dtype=t.dtype)) if t.is_floating_point()
+             else t for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    with torch.no_grad(), attributes_preserved(gm):
+        out = torch.func.functional_call(gm, noisy, tuple(args), dict(kwargs or {}))
+    return compare(ref, out, rtol, atol)
 
 
 def _agrees(references: Sequence[Any], outputs: Sequence[Any], rtol: Optional[float]) -> bool:
@@ -191,6 +204,14 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
             candidate, _, candidate_ctx = attempt(deny, k)
             return judge(candidate, candidate_ctx).ok
 
+        if not rollbacks and lens.float64 and judged.code is Reason.OUTPUT_CHANGED:
+            noise = weight_noise(lens.gm, lens.inputs(calls[0].args), lens.inputs(calls[0].kwargs), refs[0], rtol,
+                                 opts.atol)
+            if not noise.ok:  # bisecting would blame rewrites for the network's own rounding sensitivity
+                raise IllConditioned(
+                    f"the model is ill-conditioned on this input: 1e-15 relative noise in its weights moves the output "
+                    f"by {noise.max_rel:.3g} of max|y| (the check allows {rtol:g}), so no rewrite can be verified "
+                    f"(the rewritten graph: {judged.detail})", noise.max_rel)
         # Bisection needs the graph with no rewrite to pass; if it does not, no rollback can help.
         if not result.applied or (not rollbacks and not passes(0)):
             raise UnfaithfulTrace(f"the captured graph itself does not give the model's outputs ({judged.detail})")

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import fx, nn
 
-from ..errors import FusionError, UnfaithfulTrace
+from ..errors import FusionError, IllConditioned, UnfaithfulTrace
 from ..ir.ops import module_kind
 from ..ir.read import Reader
 from ..reasons import Reason
@@ -52,6 +52,8 @@ class _Candidate:
 def _code(exc: BaseException, capture: str) -> Reason:
     if isinstance(exc, UnfaithfulTrace):
         return Reason.UNFAITHFUL
+    if isinstance(exc, IllConditioned):
+        return Reason.ILL_CONDITIONED
     if isinstance(exc, FusionError):
         return Reason.REWRITE_FAILED
     return Reason.TRACE_FAILED if capture == "symbolic" else Reason.EXPORT_FAILED
