@@ -209,14 +209,19 @@ def place_on_grid(spec: ConvSpec, padding: Sequence[int], dilation: Sequence[int
     branch tap ``j`` (offset ``-p + j·d``) lands at index ``(P - p + j·d) / D``."""
     w = spec.weight
     out = w.new_zeros(*w.shape[:2], *kernel)
-    index = [slice(None), slice(None)]
+    out[_taps_on_grid(spec, padding, dilation)] = w
+    return out
+
+
+def _taps_on_grid(spec: ConvSpec, padding: Sequence[int], dilation: Sequence[int]) -> tuple:
+    """The index of ``spec``'s taps in a kernel on the grid ``padding`` / ``dilation``: branch tap ``j`` (offset
+    ``-p + j·d``) at ``(P - p + j·d) / D``, per spatial axis (all output and input channels)."""
+    index: List[Any] = [slice(None), slice(None)]
     for axis in range(spec.ndim):
         start = (padding[axis] - spec.padding[axis]) // dilation[axis]
         step = max(spec.dilation[axis] // dilation[axis], 1)
-        k = spec.kernel_size[axis]
-        index.append(slice(start, start + (k - 1) * step + 1, step))
-    out[tuple(index)] = w
-    return out
+        index.append(slice(start, start + (spec.kernel_size[axis] - 1) * step + 1, step))
+    return tuple(index)
 
 
 def why_not_uncrop(spec: ConvSpec, cuts: Sequence[tuple[int, int]]) -> Optional[Refusal]:
@@ -278,12 +283,7 @@ def sum_onto(base: ConvSpec, others: Sequence[ConvSpec]) -> Optional[ConvSpec]:
     bias = base.bias
     c_out = weight.shape[0]
     for s in others:
-        index: List[Any] = [slice(None), slice(None)]
-        for axis in range(s.ndim):
-            start = (padding[axis] - s.padding[axis]) // dilation[axis]
-            step = max(s.dilation[axis] // dilation[axis], 1)
-            index.append(slice(start, start + (s.kernel_size[axis] - 1) * step + 1, step))
-        window = weight[tuple(index)]
+        window = weight[_taps_on_grid(s, padding, dilation)]
         if s.groups == base.groups:
             window += s.weight
         else:  # W[o, (g(o) mod r)·C_in/g_s + j] += W_s[o, j] with r = g_s / g (regroup, without the zeros)
