@@ -164,16 +164,7 @@ def _run_float64(model: nn.Module, args: Tuple[Any, ...], report: ExpandReport) 
 
 
 def _geometry(conv: nn.Conv2d) -> ConvGeometry:
-    pair = lambda v: (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
-    kernel, dilation = pair(conv.kernel_size), pair(conv.dilation)
-    if conv.padding == "valid":
-        padding = (0, 0)
-    elif conv.padding == "same":  # _conv_reason refused the asymmetric case
-        padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
-    else:
-        padding = pair(conv.padding)
-    return ConvGeometry(conv.in_channels, conv.out_channels, kernel, pair(conv.stride), padding, dilation,
-                        conv.groups, conv.bias is not None)
+    return ConvGeometry.of(conv)  # (_conv_reason refused an asymmetric padding="same")
 
 
 def _conv_reason(mod: nn.Module) -> Optional[str]:

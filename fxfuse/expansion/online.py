@@ -158,14 +158,8 @@ class OnlineConv2d(ExpandedConv2d):
 # ------------------------------------------------------------------------------------- kernel arithmetic
 def _conv_spec(conv: nn.Conv2d) -> ConvSpec:
     bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-    k, d = conv.kernel_size, conv.dilation
-    if conv.padding == "valid":
-        pad: Tuple[int, ...] = (0, 0)
-    elif conv.padding == "same":  # expand only takes the symmetric case
-        pad = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-    else:
-        pad = tuple(int(p) for p in conv.padding)
-    return ConvSpec(conv.weight, bias, tuple(conv.stride), pad, tuple(d), conv.groups)
+    geometry = ConvGeometry.of(conv)  # (expand only takes a symmetric padding="same")
+    return ConvSpec(conv.weight, bias, geometry.stride, geometry.padding, geometry.dilation, conv.groups)
 
 
 def _then(spec: Optional[ConvSpec], nxt: ConvSpec) -> ConvSpec:

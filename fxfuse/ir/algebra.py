@@ -80,6 +80,20 @@ class ConvGeometry:
         """One group per input channel (``groups == in_channels > 1``)."""
         return self.groups == self.in_channels and self.groups > 1
 
+    @classmethod
+    def of(cls, conv: nn.modules.conv._ConvNd) -> ConvGeometry:
+        """The geometry of a (not transposed) ``nn.ConvNd``; ``padding="same"`` resolved to ``d·(k-1)/2`` per axis
+        (callers refuse an even receptive field first: it pads asymmetrically), ``"valid"`` to 0."""
+        kernel, dilation = tuple(int(k) for k in conv.kernel_size), tuple(int(d) for d in conv.dilation)
+        if conv.padding == "valid":
+            padding: IntTuple = (0,) * len(kernel)
+        elif conv.padding == "same":
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+        else:
+            padding = tuple(int(p) for p in conv.padding)
+        return cls(int(conv.in_channels), int(conv.out_channels), kernel, tuple(int(v) for v in conv.stride),
+                   padding, dilation, int(conv.groups), conv.bias is not None)
+
     def kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for ``nn.ConvNd``."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
