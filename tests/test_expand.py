@@ -572,3 +572,24 @@ def test_explain_prints_weight_growth() -> None:
     assert main(["explain", "repvgg-tiny"], stdout=out, stderr=io.StringIO()) == 0
     line = next(x for x in out.getvalue().splitlines() if x.startswith("weight range growth vs main-branch kernels"))
     assert float(line.split("max ")[1].split("x")[0]) > 1.0  # folded BN scales and branches widen the range
+
+
+def test_string_padding_resolves() -> None:
+    same, valid = nn.Conv2d(4, 4, (3, 5), padding="same", dilation=2), nn.Conv2d(4, 4, 3, padding="valid")
+    assert ConvGeometry.of(same).padding == (2, 4) and ConvGeometry.of(valid).padding == (0, 0)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_same_padding_expands_and_collapses(online: bool) -> None:
+    """``padding="same"`` resolves to the numeric padding (``ConvGeometry.of``) in the blocks and the online
+    kernel: the expanded model equals the original, and collapses to a conv of the same geometry."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(4, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4)),
+                                 0).double().eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    expanded = fxfuse.expand(model, x, scheme="repvgg", online=online).eval()
+    assert blocks(expanded)
+    with torch.no_grad():
+        assert max_rel_error(expanded(x), model(x)) <= 1e-9
+    collapsed = fxfuse.reparametrize(expanded, x)
+    assert conv_geometries_of(collapsed) == conv_geometries_of(fxfuse.reparametrize(model, x))
