@@ -10,7 +10,8 @@ graph with every literal restored, every unchanged tensor a copy of the model's 
 copies were exact), every fused tensor cast once to the dtype of the layer it replaces.
 
 Where the model cannot run in float64, the lens is an own-dtype copy (``Lens.of(gm, float64=False)``) and the
-check runs in the model's dtype with a dtype-aware tolerance.
+check runs in the model's dtype with a dtype-aware tolerance. With ``verify=False`` nothing is checked: the lens
+is own-dtype and reads the model's parameters themselves (``share_parameters``); the folds are float64 either way.
 """
 
 from __future__ import annotations
@@ -187,15 +188,25 @@ class Lens:
     model_state: Set[int] = field(default_factory=set)  # ids of the model's parameters and buffers
 
     @classmethod
-    def of(cls, gm: fx.GraphModule, float64: bool, model_state: Optional[Set[int]] = None) -> Lens:
+    def of(cls, gm: fx.GraphModule, float64: bool, model_state: Optional[Set[int]] = None,
+           share_parameters: bool = False) -> Lens:
+        """``share_parameters`` (own-dtype lens only): the lens reads the model's parameters themselves instead of
+        copies — for a lens that is never run (``verify=False``): rewrites never write a tensor they read, and
+        buffers, which a forward may write, are still copied."""
+        if share_parameters and float64:
+            raise ValueError("a float64 lens cannot share the model's parameters")
         memo: Dict[int, Any] = {}
         originals: Dict[int, Tuple[Tensor, Tensor]] = {}
         counts: Dict[torch.dtype, int] = {}
         for _, t in _graph_tensors(gm):
             if id(t) in memo or type(t) not in (Tensor, nn.Parameter):
                 continue
-            copied = t.detach().to(torch.float64 if float64 and t.is_floating_point() else t.dtype, copy=True)
-            memo[id(t)] = view = _as_like(copied, t)
+            if share_parameters and isinstance(t, nn.Parameter):
+                view: Tensor = t
+            else:
+                copied = t.detach().to(torch.float64 if float64 and t.is_floating_point() else t.dtype, copy=True)
+                view = _as_like(copied, t)
+            memo[id(t)] = view
             originals[id(view)] = (view, t)
             if isinstance(t, nn.Parameter):
                 counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()

@@ -9,6 +9,7 @@ it. :class:`~fxfuse.errors.UnfaithfulTrace` when the captured graph itself does 
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -92,10 +93,10 @@ def _lens(gm: fx.GraphModule, example: Example, opts: Options, model_state: Set[
     dtype's tolerance or the capture is unfaithful."""
     calls = example.calls
     own = [c.output for c in calls]
+    if not opts.verify:  # nothing is checked in float64: fold from the model's own tensors (docs/dtypes.md)
+        return _dtypes.Lens.of(gm, False, model_state, share_parameters=True), [None] * len(calls)
     try:
         lens = _dtypes.Lens.of(gm, True, model_state)
-        if not opts.verify:
-            return lens, [None] * len(calls)
         refs = [_run(lens.gm, lens.inputs(c.args), lens.inputs(c.kwargs)) for c in calls]
         if _agrees(own, refs, None):
             return lens, refs
@@ -108,8 +109,6 @@ def _lens(gm: fx.GraphModule, example: Example, opts: Options, model_state: Set[
         report.warnings.append(f"float64 view impossible ({type(exc).__name__}: {str(exc)[:160]}); verified in the "
                                "model's dtype with a looser tolerance")
     lens = _dtypes.Lens.of(gm, False, model_state)
-    if not opts.verify:
-        return lens, [None] * len(calls)
     try:
         refs = [_run(lens.gm, c.args, c.kwargs) for c in calls]
     except Exception as exc:
@@ -151,10 +150,12 @@ def rewrite_verified(gm: fx.GraphModule, example: Example, opts: Options, model_
         def reshape() -> None:
             nonlocal shapes
             clock = time.perf_counter()
-            if not lens.float64:  # the graph runs in the model's dtypes: so must the fused layers it now calls
-                for mod, dt in ctx.live_new_modules():
-                    mod.to(dt)
-            propagate_shapes(fused, Call(lens.inputs(first.args), lens.inputs(first.kwargs), None))
+            # An own-dtype lens runs in the model's dtypes, and its fused layers are held in float64 until the end
+            # of the attempt (chained folds read them unrounded): shapes are propagated as if they were cast.
+            cast = {} if lens.float64 else {
+                id(t): dt for mod, dt in ctx.live_new_modules()
+                for t in itertools.chain(mod.parameters(), mod.buffers()) if t.is_floating_point()}
+            propagate_shapes(fused, Call(lens.inputs(first.args), lens.inputs(first.kwargs), None), cast)
             shapes += time.perf_counter() - clock
 
         ctx = RewriteContext(fused, target.dtypes, target.default_dtype, target.requires_grad, reshape=reshape)

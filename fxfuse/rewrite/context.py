@@ -33,6 +33,7 @@ from ..ir import ops
 from ..ir.algebra import ConvSpec
 from ..ir.graphs import erase_if_dead, is_erased
 from ..ir.read import Reader, shape_of
+from ..ir.read.args import SHAPED
 from ..reasons import Reason
 from ..report import Unfused, WeightGrowth
 
@@ -86,7 +87,7 @@ class RewriteContext:
 
     def needs_shapes(self) -> bool:
         """Whether a node inserted without a known shape is waiting for shape propagation."""
-        return any("tensor_meta" not in n.meta for n in self.graph.nodes if n.op not in ("output", "get_attr"))
+        return any(SHAPED not in n.meta for n in self.graph.nodes if n.op not in ("output", "get_attr"))
 
     def skip(self, node: fx.Node, code: Reason, reason: str) -> None:
         """Record that the current rule left candidate ``node`` unfused: ``code`` (a :class:`~fxfuse.reasons.Reason`,

@@ -45,6 +45,11 @@ def attr_target(node: fx.Node) -> str:
     return node.target
 
 
+# ``node.meta`` key set on every node shape propagation ran over (``tensor_meta`` is set only on tensor outputs:
+# a node returning ``None``, like export's input guard, would otherwise look unpropagated forever).
+SHAPED = "fxfuse_shaped"
+
+
 def shape_of(node: Any) -> Optional[torch.Size]:
     """The propagated output shape of ``node`` (``None`` if unknown or not a tensor)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
