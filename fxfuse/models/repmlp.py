@@ -216,6 +216,8 @@ def repmlp_deploy(model: nn.Module) -> nn.Module:
     every conv → BatchNorm2d pair of ``nn.Sequential`` folded (the stem): the authors' conversion."""
     import copy
 
+    if isinstance(model, RepMLPBlock):
+        return model.deploy()
     out = copy.deepcopy(model)
 
     def convert(module: nn.Module) -> None:

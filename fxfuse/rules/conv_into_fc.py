@@ -15,7 +15,8 @@ row-major order keep each sample's *row* (its ``F`` consecutive elements), so tw
 Exact when both sides read rows of one tensor (views of the same node, equal features per row), the output rows
 line up (equal features per row on both sides), every intermediate has no other real user, the tensors share a
 dtype, and **the graph fixes the spatial size the conv sees** (``M`` is the conv on that size only): the conv's
-input is a reshape to literal spatial sizes (RepMLP's ``partitions.reshape(-1, C, h, w)``), or — in a sum — the
+input is a reshape to literal spatial sizes (RepMLP's ``partitions.reshape(-1, C, h, w)``) or an input of an
+exported program, whose input guard checks its static shape on every call, or — in a sum — the
 conv keeps the size (stride 1, ``2p = d(k−1)``), feeds the sum without a reshape, and the other side is a reshape
 to literal sizes (a conv output of another size would not add up). Cost: merged only when the one layer executes
 no more multiply-adds than the layers apart (docs/patterns.md, `conv_into_fc`)."""
@@ -30,7 +31,7 @@ from torch import Tensor, fx
 
 from ..ir import folds
 from ..ir.algebra import ChannelAffine, ConvSpec, Refusal
-from ..ir.ops import is_metadata_user, is_view
+from ..ir.ops import is_input_guard, is_metadata_user, is_view
 from ..ir.read import AffineRead, ConvRead, arg_node
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
@@ -177,9 +178,14 @@ def _pinned_by_view(ctx: RewriteContext, node: fx.Node) -> bool:
     return all(isinstance(s, int) and s >= 0 and s == d for s, d in zip(sizes[2:], shape[2:]))
 
 
+def _guarded(node: fx.Node) -> bool:
+    """``node`` is an input of an exported program whose input guard checks its (static) shape on every call."""
+    return node.op == "placeholder" and any(is_input_guard(u) for u in node.users)
+
+
 def _why_not_fixed(ctx: RewriteContext, side: _Side, partner: Optional[fx.Node]) -> Optional[Refusal]:
     """``None`` when the graph fixes the spatial size ``side``'s conv sees (module docstring); else why not."""
-    if _pinned_by_view(ctx, side.input):
+    if _pinned_by_view(ctx, side.input) or _guarded(side.input):
         return None
     conv = side.conv
     assert conv is not None
