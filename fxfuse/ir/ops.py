@@ -235,6 +235,18 @@ def is_view(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in VIEW_METHODS
 
 
+COPY_VALUE_FUNCS = (torch.clone, aten.clone.default, aten.contiguous.default)
+COPY_VALUE_METHODS = {"clone", "contiguous"}
+
+
+def is_value_copy(node: fx.Node) -> bool:
+    """``x.clone()`` / ``x.contiguous()`` (any memory format) or its ATen spelling: the same values in the same
+    logical order (``torch.export`` spells ``permuted.reshape(…)`` as ``clone`` + ``_unsafe_view``)."""
+    if node.op == "call_function":
+        return node.target in COPY_VALUE_FUNCS
+    return node.op == "call_method" and node.target in COPY_VALUE_METHODS
+
+
 def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:
     """Users that read only shape/dtype/device of ``of`` (``x.shape``, ``x.ndim``, ``x.size()``, and the template
     argument of ``t.reshape_as(x)`` / ``view_as`` / ``expand_as`` / ``type_as``): a fold that keeps the shape does

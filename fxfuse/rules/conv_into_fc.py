@@ -31,7 +31,7 @@ from torch import Tensor, fx
 
 from ..ir import folds
 from ..ir.algebra import ChannelAffine, ConvSpec, Refusal
-from ..ir.ops import is_input_guard, is_metadata_user, is_view
+from ..ir.ops import is_input_guard, is_metadata_user, is_value_copy, is_view
 from ..ir.read import AffineRead, ConvRead, arg_node
 from ..reasons import Reason
 from ..rewrite import Rewrite, RewriteContext, register_rule
@@ -66,9 +66,10 @@ def _ints(shape: Any) -> Optional[Tuple[int, ...]]:
 
 
 def _root(node: fx.Node) -> fx.Node:
-    """What ``node`` is a view of (views walked up)."""
+    """What ``node`` is a view of (views and value copies walked up: an exported ``permuted.reshape(…)`` is
+    ``clone`` + ``_unsafe_view``, once per reshape)."""
     for _ in range(_MAX_CHAIN):
-        below = arg_node(node, 0) if is_view(node) else None
+        below = arg_node(node, 0) if is_view(node) or is_value_copy(node) else None
         if below is None:
             return node
         node = below

@@ -245,3 +245,27 @@ def test_both_captures_fuse_the_block_alike():
     for capture in ("symbolic", "export"):
         fused = fuse_and_check(block, torch.randn(2, 4, 4, 4), capture=capture)
         assert op_counts(fused)["conv"] == 1 and op_counts(fused)["batch_norm"] == 0, capture
+
+
+class AuthorsInPlace(RepMLPBlock):
+    """The reference code's spelling: ``conv_out = 0; conv_out += branch(x)`` and ``fc3_out += conv_out`` (in place,
+    on a view of ``fc3_bn``'s output; exported, each reshape of the permuted partitions is its own ``clone``)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        partitions = self.partitions(inputs)
+        fc3_out = self.fc3(partitions.reshape(-1, self.C * self.h * self.w, 1, 1))
+        fc3_out = self.fc3_bn(fc3_out.reshape(-1, self.O * self.h * self.w))
+        fc3_out = fc3_out.reshape(-1, self.h_parts, self.w_parts, self.O, self.h, self.w)
+        conv_inputs = partitions.reshape(-1, self.C, self.h, self.w)
+        conv_out = 0
+        for k in self.reparam_conv_k:
+            conv_out += getattr(self, f"repconv{k}")(conv_inputs)
+        fc3_out += conv_out.reshape(-1, self.h_parts, self.w_parts, self.O, self.h, self.w)
+        return fc3_out.permute(0, 3, 1, 4, 2, 5).reshape(-1, self.O, self.H, self.W)
+
+
+def test_authors_in_place_spelling_keeps_only_the_fc():
+    fused = fuse_and_check(AuthorsInPlace(4, 4, 8, 8, 4, 4, (1, 3), 2, 2), torch.randn(2, 4, 8, 8))
+    counts = op_counts(fused)
+    assert (counts["conv"], counts["batch_norm"]) == (1, 0), counts
+    assert fused_counts(fused)["conv_into_fc"] == 2
