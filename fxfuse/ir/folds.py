@@ -420,6 +420,9 @@ def why_not_conv_as_matrix(spec: ConvSpec) -> Optional[Refusal]:
     return None
 
 
+CONV_AS_MATRIX_CHUNK = 1 << 22  # basis elements per conv call in conv_as_matrix (32 MiB of float64)
+
+
 def conv_as_matrix(spec: ConvSpec, size: Sequence[int]) -> ConvSpec:
     """The conv on one ``[C_in, *size]`` sample as a row map (``F_in = C_in·∏size`` → ``F_out = C_out·∏out``, both
     flattened channel-major, NCHW order): column ``j`` of the matrix is the conv applied to the ``j``-th basis
@@ -430,12 +433,18 @@ def conv_as_matrix(spec: ConvSpec, size: Sequence[int]) -> ConvSpec:
     w, g = spec.weight, spec.groups
     in_per_group = w.shape[1]
     n = in_per_group * math.prod(size)
-    eye = torch.eye(n, dtype=w.dtype, device=w.device).reshape(n, in_per_group, *size)
-    basis = eye.repeat(1, g, *([1] * len(size)))
-    out = torch.convolution(basis, w, None, list(spec.stride), list(spec.padding), list(spec.dilation), False,
-                            [0] * len(size), g)  # [n, C_out, *out]
+    chunk = max(1, min(n, CONV_AS_MATRIX_CHUNK // max(1, g * n)))  # basis tensors per conv call (bounded memory)
+    responses = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(min(chunk, n - start), device=w.device)
+        eye = w.new_zeros(len(rows), n)
+        eye[rows, start + rows] = 1
+        basis = eye.reshape(len(rows), in_per_group, *size).repeat(1, g, *([1] * len(size)))
+        out = torch.convolution(basis, w, None, list(spec.stride), list(spec.padding), list(spec.dilation), False,
+                                [0] * len(size), g)  # [chunk, C_out, *out]
+        responses.append(out.reshape(len(rows), -1))
     positions = math.prod(out.shape[2:])
-    weight = out.reshape(n, -1).t().contiguous()[:, :, None]  # [C_out·∏out, n, 1]
+    weight = torch.cat(responses).t().contiguous()[:, :, None]  # [C_out·∏out, n, 1]
     return ConvSpec(weight, spec.bias.repeat_interleave(positions), (1,), (0,), (1,), g)
 
 

@@ -41,15 +41,18 @@ _MAX_CHAIN = 16
 
 @dataclass(frozen=True)
 class _Side:
-    """``node`` = views and per-feature affines of ``layer(input)``: a row map (``spec``, affines folded) of the
-    rows of ``input``, which is a view of ``root``."""
+    """``node`` = views and per-feature affines (``rows``, bottom up) of ``layer(input)``: a row map of the rows of
+    ``input``, which is a view of ``root``. The map itself (:meth:`spec`) is built only once every condition
+    holds: a conv's matrix has ``F_out·F_in/g`` entries, and every add of a ResNet has a conv below it."""
 
     node: fx.Node
     layer: fx.Node
     input: fx.Node
     root: fx.Node
     kind: str  # "linear", "fc_conv" (a 1x1 conv on a [R, F, 1, …] input), "conv"
-    spec: ConvSpec
+    base: Optional[ConvSpec]  # a Linear's row map (None for a conv: its matrix is computed by spec())
+    rows: Tuple[Tuple[ChannelAffine, Tuple[int, ...], int], ...]  # (affine, its tensor's shape, its axis)
+    groups: int  # of the row map
     f_in: int
     f_out: int
     macs: int
@@ -57,6 +60,20 @@ class _Side:
     chain: Tuple[fx.Node, ...]  # node … layer, top down
     viewed: bool  # a view between the layer and node
     conv: Optional[ConvRead]
+    size: Tuple[int, ...] = ()  # the conv's input spatial size
+
+    def spec(self) -> ConvSpec:
+        """The row map, the affines after the layer folded in (float64)."""
+        if self.base is not None:
+            spec = self.base
+        else:
+            assert self.conv is not None
+            spec = folds.conv_as_matrix(self.conv.spec, self.size)
+        for affine, shape, axis in self.rows:
+            row = folds.affine_on_rows(affine, shape, axis, self.f_out)
+            assert row is not None  # (checked by _read_side)
+            spec = folds.conv_then_affine(spec, row)
+        return spec
 
 
 def _ints(shape: Any) -> Optional[Tuple[int, ...]]:
@@ -105,11 +122,13 @@ def _read_side(ctx: RewriteContext, top: fx.Node) -> Union[_Side, Refusal, None]
         return None
     in_shape = out_shape = None
     conv: Optional[ConvRead] = None
+    base: Optional[ConvSpec] = None
+    size: Tuple[int, ...] = ()
     linear = ctx.read.linear(layer)
     if linear is not None:
         source, like = linear.input, linear.like
         f_out, f_in = linear.weight.shape
-        spec, kind, macs = folds.linear_as_map(linear.weight, linear.bias), "linear", f_out * f_in
+        base, kind, macs, groups = folds.linear_as_map(linear.weight, linear.bias), "linear", f_out * f_in, 1
     else:
         read = ctx.read.conv(layer)
         if not isinstance(read, ConvRead) or read.kind != "conv" or read.like is None:
@@ -121,30 +140,30 @@ def _read_side(ctx: RewriteContext, top: fx.Node) -> Union[_Side, Refusal, None]
         in_shape, out_shape = ctx.shape(source), ctx.shape(layer)
         if in_shape is None or out_shape is None:
             return None
-        size, out_size = _ints(in_shape[2:]), _ints(out_shape[1:])
-        if size is None or out_size is None:
+        in_size, out_size = _ints(in_shape[2:]), _ints(out_shape[1:])
+        if in_size is None or out_size is None:
             return Refusal(Reason.SPATIAL_SIZE, f"the spatial size {tuple(in_shape[2:])} that {layer.name} sees is "
                                                 "symbolic: its matrix depends on it")
-        spec = folds.conv_as_matrix(read.spec, size)
-        f_out, f_in = spec.weight.shape[0], spec.weight.shape[1] * spec.groups
+        size, groups = in_size, read.spec.groups
+        f_out, f_in = math.prod(out_size), read.spec.in_channels * math.prod(size)
         pointwise = read.spec.is_pointwise and all(s == 1 for s in size)
         kind = "fc_conv" if pointwise else "conv"
         macs = read.spec.macs_per_output_pixel() * math.prod(out_size[1:])
+    rows = []
     for read_affine, shape in affines:
         dims = _ints(shape[1:]) if shape is not None else None
         if dims is None or read_affine.axis < 1:
             return Refusal(Reason.AXIS, f"{read_affine.input.name}: an affine whose channels are not fixed per row")
-        row = folds.affine_on_rows(read_affine.affine, (1, *dims), read_affine.axis, f_out)
-        if row is None:
+        if f_out % math.prod(dims[read_affine.axis - 1:]):  # (folds.affine_on_rows: the channel period)
             return Refusal(Reason.AXIS, f"the affine on {read_affine.input.name} is not one per-feature affine of "
                                         f"{layer.name}'s rows (its channel changes from row to row)")
-        spec = folds.conv_then_affine(spec, row)
+        rows.append((read_affine.affine, (1, *dims), read_affine.axis))
     for upper, lower in zip(chain, chain[1:]):
         if ctx.single_user(lower) is not upper:
             users = ", ".join(u.name for u in ctx.real_users(lower))
             return Refusal(Reason.OTHER_USERS, f"intermediate {lower.name} has other users ({users})")
-    return _Side(top, layer, source, _root(source), kind, spec, f_in, f_out, macs, like, tuple(chain), viewed,
-                 conv)
+    return _Side(top, layer, source, _root(source), kind, base, tuple(rows), groups, f_in, f_out, macs, like,
+                 tuple(chain), viewed, conv, size)
 
 
 def _unpermuted(ctx: RewriteContext, node: fx.Node) -> fx.Node:
@@ -272,16 +291,17 @@ def _sum(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     if out_dims is None:
         return ctx.skip(node, Reason.SPATIAL_SIZE, f"the shape of {node.name} past the batch is symbolic")
     emit = flat[0]
-    merged = folds.sum_parallel([folds.scale_conv(first.spec, c1), folds.scale_conv(second.spec, c2)])
-    if emit.kind == "linear":
-        merged = folds.regroup(merged, 1)
-    if merged.weight.numel() > first.macs + second.macs:
-        return ctx.skip(node, Reason.MORE_WORK, f"one FC of {merged.weight.numel()} multiply-adds per row (groups "
-                                                f"{merged.groups}) would do more than {first.layer.name} and "
-                                                f"{second.layer.name} apart ({first.macs + second.macs})")
+    groups = 1 if emit.kind == "linear" else math.gcd(first.groups, second.groups)
+    merged_macs = first.f_out * first.f_in // groups
+    if merged_macs > first.macs + second.macs:
+        return ctx.skip(node, Reason.MORE_WORK, f"one FC of {merged_macs} multiply-adds per row (groups {groups}) "
+                                                f"would do more than {first.layer.name} and {second.layer.name} "
+                                                f"apart ({first.macs + second.macs})")
     refusal = _shape_reads_leave(ctx, [node, *first.chain, *second.chain])
     if refusal is not None:
         return ctx.skip(node, refusal.code, refusal.reason)
+    merged = folds.regroup(folds.sum_parallel([folds.scale_conv(first.spec(), c1),
+                                               folds.scale_conv(second.spec(), c2)]), groups)
     layer_shape = ctx.shape(emit.layer)
     in_shape = ctx.shape(emit.input)
     ndim = len(in_shape) - 2 if in_shape is not None else 0
@@ -340,7 +360,7 @@ def _chain(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     refusal = _shape_reads_leave(ctx, [node, *side.chain])
     if refusal is not None:
         return ctx.skip(node, refusal.code, refusal.reason)
-    weight, bias = folds.linear_after_map(side.spec, linear.weight, linear.bias)
+    weight, bias = folds.linear_after_map(side.spec(), linear.weight, linear.bias)
 
     def rewrite() -> None:
         flat = ctx.insert_reshape(side.input, [-1, side.f_in], before=node)
