@@ -13,6 +13,10 @@ Cases (``--cases``, comma-separated; default: all of :data:`DEFAULT_CASES`):
   papers write them; ``-zoo`` names in model-zoo spelling); the authors' deploy form is its ``plain_twin`` (the
   hand-written ``switch_to_deploy`` network) holding **fxfuse's fused weights** (CPU conv time depends on the
   values; see ``benchmarks.artifact_latency.with_weights_of``).
+* ``repmlp:<depth>``: :class:`fxfuse.models.RepMLPNet` (RepMLP blocks of ``depth``, 1x1 + 3x3 local perceptrons,
+  ``fc_groups=4``, on ``--size``); the authors' deploy form is :func:`fxfuse.models.repmlp_deploy` (their
+  ``switch_to_deploy``: local perceptrons turned into FC weights by a conv on an identity tensor), from the same
+  training-form weights. ``repmlp:<depth>-without``: the same with fxfuse's ``conv_into_fc`` rule disabled.
 
 For every case, thread count and batch size: ``--rounds`` rounds, each timing the fused model and the deploy
 net for ``--min-run-time`` seconds apiece (``torch.utils.benchmark.Timer.blocked_autorange``), alternating which
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import fxfuse
-from fxfuse.models import build, plain_twin, randomize_batchnorm_
+from fxfuse.models import RepMLPNet, build, plain_twin, randomize_batchnorm_, repmlp_deploy
 from fxfuse.tools.bench import cpu_model_name
 from fxfuse.tools.bench.timing import make_timer
 from fxfuse.tools.executed_ops import executed_fusable
@@ -48,6 +52,7 @@ DEFAULT_CASES = (
     "timm:repvgg_a0", "timm:mobileone_s0", "timm:fastvit_t8", "timm:repghostnet_050", "timm:levit_conv_128s",
     "timm:repvit_m0_9",
     "ref:repvgg-tiny", "ref:acnet", "ref:dbb", "ref:mobileone", "ref:bn-after-sum", "ref:mobileone-zoo",
+    "repmlp:2",
 )
 LONG_CASES = ("timm:fastvit_sa12", "timm:mobileone_s1", "timm:repghostnet_100", "timm:levit_128s",
               "ref:repvgg-A0", "ref:dbb-zoo", "ref:acnet-zoo")
@@ -83,13 +88,25 @@ def _ref_pair(name: str, size: int) -> Pair:
     return fused, twin, "plain twin with fxfuse's weights"
 
 
+def _repmlp_pair(name: str, size: int) -> Pair:
+    """``<depth>``, or ``<depth>-without``: fxfuse with the ``conv_into_fc`` rule disabled (what it did before)."""
+    depth, _, variant = name.partition("-")
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(RepMLPNet(size=size, depth=int(depth)), 0).eval()
+    x = torch.randn(1, 3, size, size)
+    fused = fxfuse.reparametrize(model, x, disable=["conv_into_fc"] if variant == "without" else ())
+    return fused, repmlp_deploy(model).eval(), "repmlp_deploy (the authors' conversion)"
+
+
 def make_pair(case: str, size: int) -> Pair:
     kind, _, name = case.partition(":")
+    if kind == "repmlp":
+        return _repmlp_pair(name, size)
     if kind == "timm":
         return _timm_pair(name, size)
     if kind == "ref":
         return _ref_pair(name, size)
-    raise ValueError(f"unknown case {case!r}: expected timm:<name> or ref:<name>")
+    raise ValueError(f"unknown case {case!r}: expected timm:<name>, ref:<name> or repmlp:<depth>")
 
 
 def round_ratios(fused: nn.Module, deploy: nn.Module, x: Tensor, threads: int, rounds: int,

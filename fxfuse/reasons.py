@@ -31,6 +31,11 @@ class Reason(str, Enum):
     ROLLED_BACK = "rolled_back"  # the rewrite was undone by verification (see FusionReport.rollbacks)
     NO_PARTNER = "no_partner"  # nothing to fold it into: a per-channel affine with no conv / linear layer beside it,
     # a pool or affine term of a sum with no conv branch on its input
+    VIEW_ORDER = "view_order"  # reshapes around a linear map that do not keep one row-major element order (a
+    # permute on one side only, rows split differently)
+    SPATIAL_SIZE = "spatial_size"  # a conv read as a dense matrix of one input size, but the graph does not fix
+    # the size it sees (another input size would run the original and not the fused map)
+    DTYPE = "dtype"  # the layers to merge hold tensors of different dtypes
     NOT_MATCHED = "not_matched"  # an op of a fusable kind next to a layer, but no enabled rule matched the pattern
 
     # -- a rewrite rolled back (FusionReport.rollbacks[i].code)

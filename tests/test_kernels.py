@@ -342,3 +342,43 @@ def test_place_on_grid_centres_a_small_kernel():
     expected = torch.zeros(2, 2, 3, 3, **f64)
     expected[:, :, 1, 1] = spec.weight[:, :, 0, 0]
     assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------- linear maps across a reshape
+@given(specs(), st.data())
+def test_conv_as_matrix_is_the_conv_on_flattened_samples(spec, data):
+    """The conv on one fixed-size sample as a (grouped) matrix of the NCHW-flattened sample: equal to the conv on
+    random inputs, densified or as the grouped 1x1 conv on ``[N, C·∏size, 1, …]``; a refusal for what it is not."""
+    size = tuple(data.draw(st.integers(m, m + 3)) for m in spec.geometry.min_input_size())
+    x = torch.randn(3, spec.in_channels, *size, **f64)
+    y = run(spec, x).flatten(1)
+    rows = K.conv_as_matrix(spec, size)
+    dense = K.regroup(rows, 1)
+    assert_close_f64(y, x.flatten(1) @ dense.weight[:, :, 0].t() + dense.bias)
+    pointwise = K.map_as_pointwise_conv(rows, 2)
+    assert_close_f64(y, run(pointwise, x.reshape(3, -1, 1, 1)).flatten(1))
+    assert K.why_not_conv_as_matrix(spec) is None
+    assert K.why_not_conv_as_matrix(spec.with_(padding_mode="reflect")).code is Reason.PADDING
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+def test_affine_on_rows_is_the_channel_affine(r, c, h, w):
+    """A per-channel affine on ``[R, C, h, w]`` is a per-feature affine of its ``C·h·w`` rows (and of rows of a
+    multiple of that); on rows that cut a channel period it is not one."""
+    a = ChannelAffine(torch.randn(c, **f64), torch.randn(c, **f64))
+    x = torch.randn(r, c, h, w, **f64)
+    y = x * a.scale[:, None, None] + a.shift[:, None, None]
+    row = K.affine_on_rows(a, (r, c, h, w), 1, c * h * w)
+    assert row is not None
+    assert_close_f64(y.flatten(1), x.flatten(1) * row.scale + row.shift)
+    if c > 1:
+        assert K.affine_on_rows(a, (r, c, h, w), 1, h * w) is None
+
+
+def test_linear_after_map_composes():
+    spec = ConvSpec(torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (1, 1), (1, 1), 1)
+    rows = K.conv_as_matrix(spec, (3, 3))
+    w2, b2 = torch.randn(5, 36, **f64), torch.randn(5, **f64)
+    weight, bias = K.linear_after_map(rows, w2, b2)
+    x = torch.randn(2, 3, 3, 3, **f64)
+    assert_close_f64(F.linear(run(spec, x).flatten(1), w2, b2), F.linear(x.flatten(1), weight, bias))

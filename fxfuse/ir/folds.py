@@ -397,3 +397,79 @@ def why_not_pad_values_through(spec: ConvSpec, values: Tensor) -> Optional[Refus
         return Refusal(Reason.PADDING,
                        "pad values differ from the value the op before the pad takes at 0 (its bias / BN shift)")
     return None
+
+
+# ------------------------------------------------------------------- linear maps across a reshape
+# A linear map of the rows of a tensor (``F`` consecutive elements each, row-major) is written as a pointwise 1-D
+# ConvSpec: weight ``[F_out, F_in/g, 1]``, bias ``[F_out]``, groups ``g`` (output feature ``f`` in group
+# ``f // (F_out/g)`` reads input features ``group·F_in/g + j``). A Linear is one with ``g = 1``; a 1x1 conv on a
+# ``[R, F, 1, 1]`` input (RepMLP's FC) keeps its groups; sums are :func:`sum_parallel`, affines after it
+# :func:`conv_then_affine` with a per-feature affine (:func:`affine_on_rows`).
+def linear_as_map(weight: Tensor, bias: Tensor) -> ConvSpec:
+    """``F.linear(x, W, b)`` on rows of ``W.shape[1]`` features as a row map (groups 1)."""
+    return ConvSpec(weight[:, :, None], bias, (1,), (0,), (1,), 1)
+
+
+def why_not_conv_as_matrix(spec: ConvSpec) -> Optional[Refusal]:
+    """A conv is a matrix on a fixed input size when it is not transposed and pads with zeros (the matrix of a
+    reflect / circular pad exists too, but is not what :func:`conv_as_matrix` computes)."""
+    if spec.transposed:
+        return Refusal(Reason.NOT_LINEAR, "a transposed conv is not read as a dense matrix")
+    if spec.padding_mode != "zeros":
+        return Refusal(Reason.PADDING, f"padding_mode={spec.padding_mode!r}: only zero padding is read as a matrix")
+    return None
+
+
+CONV_AS_MATRIX_CHUNK = 1 << 22  # basis elements per conv call in conv_as_matrix (32 MiB of float64)
+
+
+def conv_as_matrix(spec: ConvSpec, size: Sequence[int]) -> ConvSpec:
+    """The conv on one ``[C_in, *size]`` sample as a row map (``F_in = C_in·∏size`` → ``F_out = C_out·∏out``, both
+    flattened channel-major, NCHW order): column ``j`` of the matrix is the conv applied to the ``j``-th basis
+    tensor, with its zero padding (RepMLP's conv→FC conversion: a conv on an identity). Per group: ``eye(F_in/g)``
+    as ``F_in/g`` samples of ``C_in/g`` channels, repeated ``g`` times along the channels, so output channel ``o``
+    of group ``γ`` sees its own group's basis; its responses are the ``g``-grouped matrix. Bias: ``b[o]`` at every
+    output position. Requires :func:`why_not_conv_as_matrix` to be ``None``."""
+    w, g = spec.weight, spec.groups
+    in_per_group = w.shape[1]
+    n = in_per_group * math.prod(size)
+    chunk = max(1, min(n, CONV_AS_MATRIX_CHUNK // max(1, g * n)))  # basis tensors per conv call (bounded memory)
+    responses = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(min(chunk, n - start), device=w.device)
+        eye = w.new_zeros(len(rows), n)
+        eye[rows, start + rows] = 1
+        basis = eye.reshape(len(rows), in_per_group, *size).repeat(1, g, *([1] * len(size)))
+        out = torch.convolution(basis, w, None, list(spec.stride), list(spec.padding), list(spec.dilation), False,
+                                [0] * len(size), g)  # [chunk, C_out, *out]
+        responses.append(out.reshape(len(rows), -1))
+    positions = math.prod(out.shape[2:])
+    weight = torch.cat(responses).t().contiguous()[:, :, None]  # [C_out·∏out, n, 1]
+    return ConvSpec(weight, spec.bias.repeat_interleave(positions), (1,), (0,), (1,), g)
+
+
+def affine_on_rows(affine: ChannelAffine, shape: Sequence[int], axis: int, features: int) -> Optional[ChannelAffine]:
+    """A per-channel affine along ``axis`` of a tensor of ``shape``, seen on its rows of ``features`` consecutive
+    elements (row-major): element ``i``'s channel is ``(i // ∏shape[axis+1:]) mod shape[axis]``, which depends only
+    on the position in the row iff ``∏shape[axis:]`` divides ``features``. Then it is a per-feature affine of the
+    rows (``None`` otherwise: the channel changes from row to row)."""
+    inner = math.prod(shape[axis + 1:])
+    period = inner * shape[axis]
+    if period == 0 or features % period:
+        return None
+    index = (torch.arange(features, device=affine.scale.device) // inner) % shape[axis]
+    return ChannelAffine(affine.scale[index], affine.shift[index])
+
+
+def linear_after_map(first: ConvSpec, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.linear(first(rows), W, b)`` as one Linear: ``W·M``, ``W·b₁ + b`` with ``M`` the first map densified
+    (groups 1)."""
+    dense = regroup(first, 1).weight[:, :, 0]
+    return weight @ dense, weight @ first.bias + bias
+
+
+def map_as_pointwise_conv(spec: ConvSpec, ndim: int) -> ConvSpec:
+    """A row map as the 1x1 conv (``ndim`` spatial axes, stride 1, no padding, same groups) that computes it on a
+    ``[R, F_in, 1, …]`` input."""
+    weight = spec.weight.reshape(*spec.weight.shape[:2], *([1] * ndim))
+    return ConvSpec(weight, spec.bias, (1,) * ndim, (0,) * ndim, (1,) * ndim, spec.groups)

@@ -173,6 +173,7 @@ def binary(node: fx.Node) -> Optional[Binary]:
 # ------------------------------------------------------------------------------ views and metadata
 SPLIT = torch.split  # split(input, sizes, dim): what the rewrite context inserts to unstack channels
 GETITEM = operator.getitem  # getitem(tuple, i): one output of a tuple-returning node
+RESHAPE = torch.reshape  # reshape(input, sizes): what the rewrite context inserts to re-view rows
 VIEW_METHODS = {"flatten", "reshape", "view", "reshape_as", "view_as"}
 PERMUTE_METHODS = {"permute"}
 PERMUTE_FUNCS = (torch.permute, aten.permute.default)
@@ -181,8 +182,13 @@ AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
 META_METHODS = {"size", "dim", "ndimension", "numel", "type", "get_device"}
 
 
-VIEW_FUNCS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-              aten.view_copy.default, aten.reshape_as.default, aten.view_as.default)  # (input, shape / template)
+VIEW_FUNCS = (torch.reshape, torch.flatten, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+              aten.flatten.using_ints, aten.view_copy.default, aten.reshape_as.default,
+              aten.view_as.default)  # (input, shape / template)
+# reshapes written with their target sizes (``view_sizes`` reads them): method names and function spellings
+SIZED_VIEW_METHODS = {"reshape", "view"}
+SIZED_VIEW_FUNCS = (torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                    aten.view_copy.default)
 AS_FUNCS = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default, aten.type_as.default)
 # ATen calls that read only the shape/stride/dtype of their tensor argument.
 META_FUNCS = (aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
@@ -227,6 +233,18 @@ def is_view(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in VIEW_FUNCS
     return node.op == "call_method" and node.target in VIEW_METHODS
+
+
+COPY_VALUE_FUNCS = (torch.clone, aten.clone.default, aten.contiguous.default)
+COPY_VALUE_METHODS = {"clone", "contiguous"}
+
+
+def is_value_copy(node: fx.Node) -> bool:
+    """``x.clone()`` / ``x.contiguous()`` (any memory format) or its ATen spelling: the same values in the same
+    logical order (``torch.export`` spells ``permuted.reshape(…)`` as ``clone`` + ``_unsafe_view``)."""
+    if node.op == "call_function":
+        return node.target in COPY_VALUE_FUNCS
+    return node.op == "call_method" and node.target in COPY_VALUE_METHODS
 
 
 def is_metadata_user(user: fx.Node, of: Optional[fx.Node] = None) -> bool:

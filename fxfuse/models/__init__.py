@@ -17,6 +17,7 @@ from .blocks import (
 )
 from .catalog import PlainBlock, build, default_input_shape, names, plain_twin, reparam_blocks, zoo_names
 from .dbb_mobile import DBBDepthwiseUnit, DBBMobileBlock, DBBMobileNet
+from .repmlp import RepMLPBlock, RepMLPDeployBlock, RepMLPNet, repmlp_deploy
 from .repvgg_net import REPVGG_CONFIGS, RepVGG, RepVGGBlock, conv_spec, repvgg
 from .zoo_form import AssertingBatchNorm2d, ZooRepVGGBlock, zoo_form
 
@@ -37,6 +38,9 @@ __all__ = [
     "MobileOneUnit",
     "PlainBlock",
     "REPVGG_CONFIGS",
+    "RepMLPBlock",
+    "RepMLPDeployBlock",
+    "RepMLPNet",
     "RepVGG",
     "RepVGGBlock",
     "build",
@@ -46,6 +50,7 @@ __all__ = [
     "plain_twin",
     "randomize_batchnorm_",
     "reparam_blocks",
+    "repmlp_deploy",
     "repvgg",
     "ZooRepVGGBlock",
     "zoo_form",

@@ -8,7 +8,8 @@ The surgery methods, by what they do (each counted in :attr:`RewriteContext.coun
 * insert (``counts.inserted``, one per node added): :meth:`~RewriteContext.insert_conv`,
   :meth:`~RewriteContext.insert_linear`, :meth:`~RewriteContext.insert_constant` (a new module holding fused
   tensors), :meth:`~RewriteContext.insert_sum` (``Σ coef·term`` as out-of-place adds),
-  :meth:`~RewriteContext.insert_split` (a split along one axis and its pieces), :meth:`~RewriteContext.copy_before`;
+  :meth:`~RewriteContext.insert_split` (a split along one axis and its pieces), :meth:`~RewriteContext.insert_reshape`,
+  :meth:`~RewriteContext.copy_before`;
 * replace (``counts.replaced``, one per node whose users or inputs were rerouted): :meth:`~RewriteContext.replace`
   (a new node computes what the old one did), :meth:`~RewriteContext.bypass` (the old node computed nothing: its
   users read its input), :meth:`~RewriteContext.replace_input` (one user reads another input),
@@ -284,6 +285,13 @@ class RewriteContext:
         (their shapes are unknown until the next propagation)."""
         parts = self._insert(before, "call_function", ops.SPLIT, (input, list(sizes)), {"dim": dim})
         return [self._insert(before, "call_function", ops.GETITEM, (parts, i)) for i in range(len(sizes))]
+
+    def insert_reshape(self, input: fx.Node, sizes: Sequence[int], *, before: fx.Node,
+                       shape_of: Optional[fx.Node] = None) -> fx.Node:
+        """``input.reshape(sizes)`` inserted before ``before`` (``-1`` for the batch), with ``shape_of``'s metadata
+        when given (else its shape is unknown until the next propagation)."""
+        meta = shape_of.meta if shape_of is not None else None
+        return self._insert(before, "call_function", ops.RESHAPE, (input, list(sizes)), meta=meta)
 
     def in_graph_order(self, nodes: Iterable[fx.Node]) -> List[fx.Node]:
         """``nodes`` sorted by their position in the graph."""

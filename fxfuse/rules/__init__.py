@@ -20,6 +20,7 @@ ORDER = (
     "branch_sum",             # Σ parallel branches on one input
     "sequential",             # conv → conv
     "concat",                 # cat of sibling convs
+    "conv_into_fc",           # conv summed with / flattened into an FC over the same rows (RepMLP)
     "shape_assert",           # shape checks the fused graph guarantees (keep_asserts=True keeps them)
     "horizontal",             # late phase, off by default
 )

@@ -35,6 +35,22 @@ class PadReads(ReaderBase):
         n = len(dims)
         return x, tuple(d % n for d in dims)
 
+    def view_sizes(self, node: fx.Node) -> Optional[Tuple[Any, ...]]:
+        """The target sizes of a reshape / view written with sizes (``x.reshape(a, b)``, ``x.view((a, b))``,
+        ``torch.reshape(x, s)``, ``aten.view(x, s)`` …): a tuple of ints and nodes (a size computed in the graph,
+        e.g. a symbolic batch). ``None`` for ``flatten`` / ``reshape_as`` / ``view_as`` and anything else."""
+        if node.op == "call_method" and node.target in ops.SIZED_VIEW_METHODS:
+            sizes: Any = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+        elif node.op == "call_function" and node.target in ops.SIZED_VIEW_FUNCS:
+            sizes = arg(node, 1, "shape", arg(node, 1, "size"))
+        else:
+            return None
+        if not isinstance(sizes, (tuple, list)) or not all(isinstance(s, (int, fx.Node)) for s in sizes):
+            return None
+        return tuple(sizes)
+
     def crop(self, node: fx.Node) -> Optional[Tuple[fx.Node, Tuple[Tuple[int, int], ...]]]:
         """``x[:, :, a:-b, c:-d]`` (plain slices, step 1, batch and channel axes whole): returns ``(x, per
         spatial axis (cut at the start, cut at the end))``; None for any other indexing."""
