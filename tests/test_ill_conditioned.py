@@ -8,11 +8,10 @@ rolled back at that resolution); above it, or when the user set ``rtol``, the ca
 from __future__ import annotations
 
 import re
-
-import torch
 from typing import Iterator
 
 import pytest
+import torch
 from torch import Tensor, fx, nn
 
 import fxfuse

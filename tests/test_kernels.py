@@ -375,10 +375,24 @@ def test_affine_on_rows_is_the_channel_affine(r, c, h, w):
         assert K.affine_on_rows(a, (r, c, h, w), 1, h * w) is None
 
 
-def test_linear_after_map_composes():
-    spec = ConvSpec(torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64), (1, 1), (1, 1), (1, 1), 1)
-    rows = K.conv_as_matrix(spec, (3, 3))
-    w2, b2 = torch.randn(5, 36, **f64), torch.randn(5, **f64)
-    weight, bias = K.linear_after_map(rows, w2, b2)
-    x = torch.randn(2, 3, 3, 3, **f64)
-    assert_close_f64(F.linear(run(spec, x).flatten(1), w2, b2), F.linear(x.flatten(1), weight, bias))
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups", "size"),
+                         [(1, 1, 1, 1, (3, 3)), (2, 1, 1, 1, (5, 4)), (1, 2, 2, 3, (6, 5)), (2, 0, 1, 3, (7, 7))])
+def test_linear_after_conv_composes_without_the_matrix(stride: int, padding: int, dilation: int, groups: int,
+                                                       size: tuple) -> None:
+    """``fc(affine(conv(x)).flatten(1))`` = one Linear on ``x.flatten(1)``; the same as densifying the conv's
+    matrix (:func:`conv_as_matrix`) and multiplying, which it never does."""
+    spec = ConvSpec(torch.randn(6, 6 // groups, 3, 3, **f64), torch.randn(6, **f64), (stride,) * 2, (padding,) * 2,
+                    (dilation,) * 2, groups)
+    x = torch.randn(2, 6, *size, **f64)
+    f_out = run(spec, x)[0].numel()
+    rows = ChannelAffine(torch.randn(f_out, **f64), torch.randn(f_out, **f64))
+    w2, b2 = torch.randn(5, f_out, **f64), torch.randn(5, **f64)
+    weight, bias = K.linear_after_conv(spec, size, rows, w2, b2)
+    want = F.linear(run(spec, x).flatten(1) * rows.scale + rows.shift, w2, b2)
+    assert_close_f64(want, F.linear(x.flatten(1), weight, bias))
+    dense = K.regroup(K.conv_as_matrix(spec, size), 1).weight[:, :, 0]
+    assert_close_f64(w2 * rows.scale @ dense, weight)
+    plain, plain_bias = K.linear_after_conv(spec, size, None, w2, b2)
+    assert_close_f64(F.linear(run(spec, x).flatten(1), w2, b2), F.linear(x.flatten(1), plain, plain_bias))
+
+

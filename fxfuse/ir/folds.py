@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import grad as nn_grad
 
 from ..reasons import Reason
 from .algebra import ChannelAffine, ConvSpec, Refusal
@@ -461,11 +462,37 @@ def affine_on_rows(affine: ChannelAffine, shape: Sequence[int], axis: int, featu
     return ChannelAffine(affine.scale[index], affine.shift[index])
 
 
-def linear_after_map(first: ConvSpec, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """``F.linear(first(rows), W, b)`` as one Linear: ``W·M``, ``W·b₁ + b`` with ``M`` the first map densified
-    (groups 1)."""
-    dense = regroup(first, 1).weight[:, :, 0]
-    return weight @ dense, weight @ first.bias + bias
+def linear_after_conv(conv: ConvSpec, size: Sequence[int], rows: Optional[ChannelAffine], weight: Tensor,
+                      bias: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.linear(rows(conv(x)).flatten(1), W, b)`` as one Linear on ``x.flatten(1)`` (``x``: ``[N, C_in, *size]``;
+    ``rows``: an optional per-feature affine of the conv's flattened output): ``W' = (W·diag(a))·M``,
+    ``b' = W·(a·b_conv + c) + b``, with ``M`` the conv's matrix on ``size`` (:func:`conv_as_matrix`).
+
+    ``M`` is never built (it has ``C_out·∏out × C_in·∏size`` entries: gigabytes for a conv on a 28x28 map): row
+    ``r`` of ``W_a·M`` is the adjoint of the conv applied to row ``r`` of ``W_a`` seen as a ``[C_out, *out]`` map —
+    one transposed conv of the ``F₂`` rows, ``F₂·C_in·∏size`` entries, the size of the result."""
+    n = conv.ndim
+    c_out = conv.weight.shape[0]
+    per_position = torch.ones(weight.shape[1] // c_out, dtype=weight.dtype, device=weight.device)
+    conv_rows = (conv.bias[:, None] * per_position).flatten()  # the conv bias of every output feature
+    scaled = weight
+    if rows is not None:
+        rows = _on(rows, weight)
+        scaled, conv_rows = weight * rows.scale, rows.scale * conv_rows + rows.shift
+    grad = scaled.reshape(weight.shape[0], c_out, *_out_size(conv, size))
+    composed = _CONV_INPUT_GRAD[n - 1]([weight.shape[0], conv.weight.shape[1] * conv.groups, *size], conv.weight,
+                                       grad, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return composed.flatten(1), weight @ conv_rows + bias
+
+
+# The adjoint of a conv (its input gradient), by spatial rank: public torch.nn.grad functions.
+_CONV_INPUT_GRAD = (nn_grad.conv1d_input, nn_grad.conv2d_input, nn_grad.conv3d_input)
+
+
+def _out_size(conv: ConvSpec, size: Sequence[int]) -> tuple[int, ...]:
+    """The conv's output spatial size on an input of ``size``."""
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+                 zip(size, conv.padding, conv.dilation, conv.weight.shape[2:], conv.stride))
 
 
 def map_as_pointwise_conv(spec: ConvSpec, ndim: int) -> ConvSpec:

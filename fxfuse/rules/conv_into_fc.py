@@ -62,6 +62,15 @@ class _Side:
     conv: Optional[ConvRead]
     size: Tuple[int, ...] = ()  # the conv's input spatial size
 
+    def row_affine(self) -> Optional[ChannelAffine]:
+        """The affines after the layer as one per-feature affine of its output rows (``None``: there are none)."""
+        total: Optional[ChannelAffine] = None
+        for affine, shape, axis in self.rows:
+            row = folds.affine_on_rows(affine, shape, axis, self.f_out)
+            assert row is not None  # (checked by _read_side)
+            total = row if total is None else folds.affine_then_affine(total, row)
+        return total
+
     def spec(self) -> ConvSpec:
         """The row map, the affines after the layer folded in (float64)."""
         if self.base is not None:
@@ -360,7 +369,8 @@ def _chain(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
     refusal = _shape_reads_leave(ctx, [node, *side.chain])
     if refusal is not None:
         return ctx.skip(node, refusal.code, refusal.reason)
-    weight, bias = folds.linear_after_map(side.spec(), linear.weight, linear.bias)
+    assert side.conv is not None
+    weight, bias = folds.linear_after_conv(side.conv.spec, side.size, side.row_affine(), linear.weight, linear.bias)
 
     def rewrite() -> None:
         flat = ctx.insert_reshape(side.input, [-1, side.f_in], before=node)

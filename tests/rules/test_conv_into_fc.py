@@ -226,6 +226,42 @@ def _unviewed() -> nn.Module:
     return model
 
 
+def test_chain_never_builds_the_conv_matrix(monkeypatch):
+    """A small classifier (conv on a 28x28 map, flattened into a 10-way Linear): the merged Linear is small, the
+    conv's matrix is not (C_out·784 × C_in·784; 20 GB for 64 channels). The chain is composed through the conv's
+    adjoint (``folds.linear_after_conv``), never through the matrix."""
+    import fxfuse.ir.folds as folds
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("conv_as_matrix called for a chain")
+
+    monkeypatch.setattr(folds, "conv_as_matrix", refuse)
+    model = ConvIntoFc(1, 16, 28, 3, 1, 1, 1, True, 10)  # 12544 features into the FC
+    fused = fuse_and_check(model, torch.randn(2, 1 * 28 * 28))
+    assert fused_counts(fused).get("conv_into_fc") == 1, fused.fxfuse_report
+    assert op_counts(fused)["conv"] == 0
+
+
+class ConvFlatBnFc(nn.Module):
+    """``fc(bn1d(conv(x.reshape(-1, 2, 5, 5)).flatten(1)))``: a per-feature affine between the view and the FC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm1d(3 * 25)
+        self.fc = nn.Linear(3 * 25, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x.reshape(-1, 2, 5, 5)).flatten(1)))
+
+
+def test_chain_with_an_affine_after_the_view_is_one_linear():
+    model = randomize_batchnorm_(ConvFlatBnFc(), 3).eval()
+    fused = fuse_and_check(model, torch.randn(3, 50))
+    counts = op_counts(fused)
+    assert (counts["conv"], counts["batch_norm"], counts["linear"]) == (0, 0, 1), fused.fxfuse_report
+
+
 def test_chain_more_work_stays():
     """A channel-reducing 1x1 conv before a wide FC: the merged Linear on the input would do more."""
     fused = fuse_and_check(ConvIntoFc(8, 1, 4, 1, 0, 1, 1, True, 64), torch.randn(2, 8, 4, 4))
