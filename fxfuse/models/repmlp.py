@@ -38,6 +38,21 @@ def _fuse_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift + (b - bn.running_mean) * scale
 
 
+def _partitions(block: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """``[N, h_parts, w_parts, C, h, w]``: ``block``'s partitions of ``inputs``, gated by its global perceptron
+    where it has one (``avg`` → ``fc1_fc2``; the training and the deploy block share this code, as in the paper)."""
+    if block.need_global_perceptron:
+        v = block.avg(inputs)
+        v = v.reshape(-1, block.C * block.h_parts * block.w_parts)
+        v = block.fc1_fc2(v)
+        v = v.reshape(-1, block.C, block.h_parts, 1, block.w_parts, 1)
+        inputs = inputs.reshape(-1, block.C, block.h_parts, block.h, block.w_parts, block.w)
+        inputs = inputs * v
+    else:
+        inputs = inputs.view(-1, block.C, block.h_parts, block.h, block.w_parts, block.w)
+    return inputs.permute(0, 2, 4, 1, 3, 5)
+
+
 class RepMLPBlock(nn.Module):
     """Training-form RepMLP block (``RepMLP`` in the authors' code) on a fixed ``H×W`` input."""
 
@@ -73,16 +88,7 @@ class RepMLPBlock(nn.Module):
 
     def partitions(self, inputs: torch.Tensor) -> torch.Tensor:
         """``[N, h_parts, w_parts, C, h, w]``: the partitions, gated by the global perceptron where there is one."""
-        if self.need_global_perceptron:
-            v = self.avg(inputs)
-            v = v.reshape(-1, self.C * self.h_parts * self.w_parts)
-            v = self.fc1_fc2(v)
-            v = v.reshape(-1, self.C, self.h_parts, 1, self.w_parts, 1)
-            inputs = inputs.reshape(-1, self.C, self.h_parts, self.h, self.w_parts, self.w)
-            inputs = inputs * v
-        else:
-            inputs = inputs.view(-1, self.C, self.h_parts, self.h, self.w_parts, self.w)
-        return inputs.permute(0, 2, 4, 1, 3, 5)
+        return _partitions(self, inputs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         partitions = self.partitions(inputs)
@@ -171,16 +177,7 @@ class RepMLPDeployBlock(nn.Module):
         self.fc3 = nn.Conv2d(self.C * h * w, self.O * h * w, 1, 1, 0, bias=True, groups=fc_groups)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.need_global_perceptron:
-            v = self.avg(inputs)
-            v = v.reshape(-1, self.C * self.h_parts * self.w_parts)
-            v = self.fc1_fc2(v)
-            v = v.reshape(-1, self.C, self.h_parts, 1, self.w_parts, 1)
-            inputs = inputs.reshape(-1, self.C, self.h_parts, self.h, self.w_parts, self.w)
-            inputs = inputs * v
-        else:
-            inputs = inputs.view(-1, self.C, self.h_parts, self.h, self.w_parts, self.w)
-        partitions = inputs.permute(0, 2, 4, 1, 3, 5)
+        partitions = _partitions(self, inputs)
         fc3_out = self.fc3(partitions.reshape(-1, self.C * self.h * self.w, 1, 1))
         fc3_out = fc3_out.reshape(-1, self.h_parts, self.w_parts, self.O, self.h, self.w)
         fc3_out = fc3_out.permute(0, 3, 1, 4, 2, 5)
