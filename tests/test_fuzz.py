@@ -36,7 +36,7 @@ from torch import Tensor, fx, nn
 import fxfuse
 import fxfuse.models as M
 from fxfuse import FusionError, Reason, RewriteContext
-from fxfuse.ir import ConvRead, Reader, shape_of
+from fxfuse.ir import ConvRead, Reader, Refusal, shape_of
 from fxfuse.ir.ops import real_users
 from fxfuse.testing import assert_close_f64, assert_reparametrizes, conv_geometries, op_counts, randomize_batchnorm_
 
@@ -710,10 +710,11 @@ def random_nets(draw: Callable, max_blocks: int = 4) -> Case:
 
 # ================================================================================= structure checks
 def _bn_without_stats(gm: fx.GraphModule) -> int:
-    mods = dict(gm.named_modules())
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module"
-               and isinstance(mods.get(n.target), nn.modules.batchnorm._BatchNorm)
-               and not mods[n.target].track_running_stats)
+    """BatchNorms that normalize by batch statistics, in any spelling: a module without running statistics, and
+    what ``torch.export`` makes of one (``aten.batch_norm(x, w, b, None, None, training=True)``)."""
+    read = Reader(gm)
+    return sum(1 for n in gm.graph.nodes
+               if isinstance(bn := read.affine(n), Refusal) and bn.code is Reason.BATCH_STATISTICS)
 
 
 def assert_fixed_point(original: nn.Module, fused: fx.GraphModule) -> None:

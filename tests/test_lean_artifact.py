@@ -145,3 +145,55 @@ def test_a_rewrite_that_drifts_between_calls_is_rolled_back(drifting_rule: str) 
         first, second = fused(x), fused(x)
     assert torch.equal(first, second)
     assert_close_f64(model(x), first, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+                                  lambda: nn.BatchNorm2d(4), lambda: nn.Linear(3, 2), lambda: nn.ReLU(inplace=True)])
+def test_copy_leaf_is_a_deep_copy_through_the_memo(make) -> None:
+    """The copy a lens / the artifact holds of a torch.nn leaf: tensors swapped through the memo (or copied when
+    not in it), every mutable attribute its own, hooks kept — what ``copy.deepcopy`` gives, without its cost."""
+    from fxfuse.ir.graphs import copy_leaf
+
+    mod = make()
+    mod.register_forward_hook(lambda m, i, o: o)
+    params = list(mod.parameters())
+    memo = {id(params[0]): nn.Parameter(params[0].detach().double())} if params else {}
+    new = copy_leaf(mod, memo)
+    want = copy.deepcopy(mod)
+    assert type(new) is type(mod) and vars(new).keys() == vars(want).keys()
+    assert memo[id(mod)] is new and copy_leaf(mod, memo) is new
+    for key, value in vars(new).items():
+        if isinstance(value, (dict, set, list)):
+            assert value is not vars(mod)[key], key
+    if params:
+        assert new.weight is memo[id(params[0])] and new.weight.dtype == torch.float64
+        for (name, t), (_, t0) in zip(list(new.named_parameters())[1:], list(mod.named_parameters())[1:]):
+            assert t is not t0 and torch.equal(t, t0), name
+    for (_, b), (_, b0) in zip(new.named_buffers(), mod.named_buffers()):
+        assert b is not b0 and torch.equal(b, b0)
+    new._forward_hooks.clear()
+    new.training = False
+    assert len(mod._forward_hooks) == 1 and mod.training
+    if isinstance(mod, nn.BatchNorm2d):
+        new.running_mean.add_(1)
+        assert torch.equal(mod.running_mean, torch.zeros(4))
+
+
+def test_copy_leaf_defers_to_deepcopy_off_torch_nn() -> None:
+    from fxfuse.ir.graphs import copy_leaf
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factors = [torch.ones(2)]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factors[0]
+
+    seq = nn.Sequential(nn.ReLU())
+    for mod in (Scale(), seq):
+        new = copy_leaf(mod, {})
+        assert type(new) is type(mod) and new is not mod
+    new_scale = copy_leaf(Scale(), {})
+    assert isinstance(new_scale.factors, list) and new_scale.factors[0].shape == (2,)
+    assert copy_leaf(seq, {})[0] is not seq[0]
