@@ -144,16 +144,6 @@ class FollowsConvShape(nn.Module):
         return z + self.fc(x.flatten(1)).reshape_as(z)
 
 
-def test_spatial_size_not_fixed_stays(capture):
-    x = torch.randn(2, 2, 4, 8)
-    if capture == "export":
-        fused = fuse_and_check(FollowsConvShape(), x)
-        assert fused_counts(fused)["conv_into_fc"] == 1 and op_counts(fused)["conv"] == 0
-        return
-    fused = fuse_and_check(FollowsConvShape(), x, second=torch.randn(2, 2, 8, 4))  # the original runs on 8x4
-    assert_skipped(fused, "conv_into_fc", Reason.SPATIAL_SIZE, "fixes the spatial size")
-
-
 # --------------------------------------------------------------------------------------- fused: chain
 class ConvIntoFc(nn.Module):
     """``fc(bn(conv(x.reshape(-1, C, p, p))).flatten(1))`` (``view=False``: the conv reads ``x`` itself)."""
@@ -207,15 +197,17 @@ def test_chain_nonlinearity_between_stays():
     assert op_counts(fused)["conv"] == 1
 
 
-def test_chain_spatial_size_not_fixed_stays(capture):
-    """``fc(conv(x).flatten(1))`` on a 4x8 input also runs on 8x4: the traced graph does not fix what the conv
-    sees. The exported program checks its input's static shape on every call (its input guard): there it folds."""
+@pytest.mark.parametrize("make", [FollowsConvShape, lambda: _unviewed()], ids=["sum", "chain"])
+def test_spatial_size_not_fixed_stays(capture, make):
+    """``conv(x) + fc(x.flatten(1)).reshape_as(…)`` and ``fc(conv(x).flatten(1))`` on a 4x8 input also run on 8x4:
+    the traced graph does not fix what the conv sees. The exported program checks its input's static shape on
+    every call (its input guard): there it folds."""
     x = torch.randn(2, 2, 4, 8)
     if capture == "export":
-        fused = fuse_and_check(_unviewed(), x)
+        fused = fuse_and_check(make(), x)
         assert fused_counts(fused)["conv_into_fc"] == 1 and op_counts(fused)["conv"] == 0
         return
-    fused = fuse_and_check(_unviewed(), x, second=torch.randn(2, 2, 8, 4))  # the original runs on 8x4
+    fused = fuse_and_check(make(), x, second=torch.randn(2, 2, 8, 4))  # the original runs on 8x4
     assert_skipped(fused, "conv_into_fc", Reason.SPATIAL_SIZE, "fixes the spatial size")
     assert op_counts(fused)["conv"] == 1
 
