@@ -720,7 +720,7 @@ def _bn_without_stats(gm: fx.GraphModule) -> int:
 def assert_fixed_point(original: nn.Module, fused: fx.GraphModule) -> None:
     """No op count grows, every BN without running stats survives, and no conv→BN pair with a single-use conv,
     nor a sum of two same-geometry convs on one input, is left for the rules."""
-    traced = fx.symbolic_trace(original)
+    traced = fx.symbolic_trace(copy.deepcopy(original).eval())  # (as reparametrize sees it: a BN in eval mode)
     before, after = op_counts(traced), op_counts(fused)
     for kind in ("conv", "batch_norm", "avg_pool", "linear"):
         assert after[kind] <= before[kind], f"{kind} count grew {before[kind]} -> {after[kind]}"
@@ -782,8 +782,11 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
     (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
     constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
     outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that
-    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 4·eps·max(max|ref|, 1)`` (the floor: outputs that are 0 up to
-    rounding)."""
+    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 8·eps·max(max|ref|, 1)``. The floor covers outputs that are 0 up
+    to rounding, and a fused conv's one float32 reduction over its summed branches' taps: the fuzz profile found a
+    three-branch 5x5 block whose fused float32 output was 5.7·eps·max|ref| off where the original's happened to be
+    0.65·eps·max|ref| off, while the same fused weights run in float64 were 0.016·eps·max|ref| off (the weights are
+    right; the rest is float32 accumulation order)."""
     from _reachable import floating_dtypes, wrong_dtypes
 
     net, x = copy.deepcopy(case.net).to(dtype), case.input.to(dtype)
@@ -804,7 +807,7 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
     for i, (o, w, r) in enumerate(zip(outs, owns, refs)):
         assert o.dtype == w.dtype == dtype, (i, o.dtype, w.dtype)
         err_fused, err_own = (float((t.double() - r).abs().max()) for t in (o, w))
-        floor = 4 * eps * max(float(r.abs().max()), 1.0)
+        floor = 8 * eps * max(float(r.abs().max()), 1.0)
         assert err_fused <= 2 * err_own + floor, (i, err_fused, err_own, floor, str(report))
 
 
