@@ -116,7 +116,7 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 def copy_leaf(obj: Any, memo: Dict[int, Any]) -> Any:
     """``copy.deepcopy(obj, memo)``, without the generic protocol for a childless module of ``torch.nn`` (a conv, a
     BatchNorm: what graphs call). ``copy.deepcopy`` pickles its way through such a module's two dozen attribute
-    dicts (~0.5 ms each; 0.2 s for resnet152's 364 leaves, twice a pass); here its ``__dict__`` is rebuilt
+    dicts (resnet152's 364 leaves: 0.038 s, twice a pass; 0.010 s here); its ``__dict__`` is rebuilt
     directly: tensors through ``memo`` (or deep-copied), hook and registry dicts and sets copied shallowly (their
     values, hook functions, are what deepcopy keeps too), immutable values shared, anything else deep-copied."""
     if not isinstance(obj, nn.Module) or obj._modules or not type(obj).__module__.startswith("torch.nn.modules."):
