@@ -782,11 +782,14 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
     (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
     constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
     outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that
-    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 8·eps·max(max|ref|, 1)``. The floor covers outputs that are 0 up
-    to rounding, and a fused conv's one float32 reduction over its summed branches' taps: the fuzz profile found a
-    three-branch 5x5 block whose fused float32 output was 5.7·eps·max|ref| off where the original's happened to be
-    0.65·eps·max|ref| off, while the same fused weights run in float64 were 0.016·eps·max|ref| off (the weights are
-    right; the rest is float32 accumulation order)."""
+    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 4·sens + 4·eps·max(max|ref|, 1)``. ``sens`` is how far the float64
+    original moves when its weights and input are perturbed by ``eps`` relative noise (:func:`_rounding_sensitivity`):
+    the scale of that dtype's rounding on this net and input, cancellations and batch-statistics normalizations
+    included. Without it the bound failed twice in the fuzz profile on exact rewrites: a fused conv's one float32
+    reduction, in another order than the original's, was 5.7 and 12·eps·max|ref| off where the original happened to
+    be 0.65 and 1.8·eps·max|ref| off, while the same fused weights run in float64 were 0.016 and 0.04·eps·max|ref| off
+    (the weights are right; the rest is accumulation order, amplified by a BatchNorm without running statistics).
+    The floor covers outputs that are 0 up to rounding."""
     from _reachable import floating_dtypes, wrong_dtypes
 
     net, x = copy.deepcopy(case.net).to(dtype), case.input.to(dtype)
@@ -802,13 +805,29 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
     with torch.no_grad():
         out = fused(x)
     eps = torch.finfo(dtype).eps
-    outs, owns, refs = (o if isinstance(o, tuple) else (o,) for o in (out, own, ref))
-    assert len(outs) == len(owns) == len(refs)
-    for i, (o, w, r) in enumerate(zip(outs, owns, refs)):
+    outs, owns, refs, moved = (o if isinstance(o, tuple) else (o,)
+                               for o in (out, own, ref, _rounding_sensitivity(case, eps)))
+    assert len(outs) == len(owns) == len(refs) == len(moved)
+    for i, (o, w, r, m) in enumerate(zip(outs, owns, refs, moved)):
         assert o.dtype == w.dtype == dtype, (i, o.dtype, w.dtype)
         err_fused, err_own = (float((t.double() - r).abs().max()) for t in (o, w))
-        floor = 8 * eps * max(float(r.abs().max()), 1.0)
-        assert err_fused <= 2 * err_own + floor, (i, err_fused, err_own, floor, str(report))
+        sens = float((m - r).abs().max())
+        floor = 4 * eps * max(float(r.abs().max()), 1.0)
+        assert err_fused <= 2 * err_own + 4 * sens + floor, (i, err_fused, err_own, sens, floor, str(report))
+
+
+def _rounding_sensitivity(case: Case, eps: float) -> Any:
+    """The float64 original's output with every floating weight, buffer and input element multiplied by
+    ``1 + eps·z`` (``z`` standard normal, fixed seed)."""
+    net = copy.deepcopy(case.net).double()
+    gen = torch.Generator().manual_seed(0)
+
+    def nudge(t: Tensor) -> Tensor:
+        return t * (1 + eps * torch.randn(t.shape, generator=gen, dtype=t.dtype)) if t.is_floating_point() else t
+
+    state = {k: nudge(t) for k, t in [*net.named_parameters(), *net.named_buffers()]}
+    with torch.no_grad():
+        return torch.func.functional_call(net, state, (nudge(case.input.double()),))
 
 
 @settings(max_examples=N_DTYPE_NETS, suppress_health_check=list(HealthCheck))
