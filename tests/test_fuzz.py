@@ -782,14 +782,16 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
     (``report.artifact_check``), every tensor reachable from it (parameters, buffers, plain attributes, graph
     constants — e.g. a frozen BN's ``w·(rv+ε).rsqrt()`` left unfolded) has that dtype and no Proxy is left, its
     outputs have the original's dtypes, and each output is as close to the float64 truth as the original's in that
-    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 4·sens + 4·eps·max(max|ref|, 1)``. ``sens`` is how far the float64
+    dtype: ``max|out − ref| ≤ 2·max|own − ref| + 4·sens + 16·eps·max(max|ref|, 1)``. ``sens`` is how far the float64
     original moves when its weights and input are perturbed by ``eps`` relative noise (:func:`_rounding_sensitivity`):
     the scale of that dtype's rounding on this net and input, cancellations and batch-statistics normalizations
-    included. Without it the bound failed twice in the fuzz profile on exact rewrites: a fused conv's one float32
-    reduction, in another order than the original's, was 5.7 and 12·eps·max|ref| off where the original happened to
-    be 0.65 and 1.8·eps·max|ref| off, while the same fused weights run in float64 were 0.016 and 0.04·eps·max|ref| off
-    (the weights are right; the rest is accumulation order, amplified by a BatchNorm without running statistics).
-    The floor covers outputs that are 0 up to rounding."""
+    included. The floor covers outputs that are 0 up to rounding and the accumulation order of a fused conv's one
+    reduction: the fuzz profile found exact rewrites (a horizontal merge or branch sum before a BatchNorm without
+    running statistics) whose float32 outputs were 5.7 and 12.9·eps·max|ref| off where the originals happened to be
+    0.65–1.8·eps·max|ref| off, while the same fused weights run in float64 were 0.016–0.04·eps·max|ref| off (the
+    weights are right; oneDNN's reduction order for the merged conv differs, and the batch normalization amplifies
+    it); ``sens`` there was 1–3.8·eps·max|ref|. A wrong rewrite is the float64 property's to catch (1e-10); this one
+    catches a returned model whose dtype handling costs accuracy beyond rounding."""
     from _reachable import floating_dtypes, wrong_dtypes
 
     net, x = copy.deepcopy(case.net).to(dtype), case.input.to(dtype)
@@ -812,7 +814,7 @@ def check_runs_in_own_dtype(case: Case, dtype: torch.dtype, capture: str) -> Non
         assert o.dtype == w.dtype == dtype, (i, o.dtype, w.dtype)
         err_fused, err_own = (float((t.double() - r).abs().max()) for t in (o, w))
         sens = float((m - r).abs().max())
-        floor = 4 * eps * max(float(r.abs().max()), 1.0)
+        floor = 16 * eps * max(float(r.abs().max()), 1.0)
         assert err_fused <= 2 * err_own + 4 * sens + floor, (i, err_fused, err_own, sens, floor, str(report))
 
 
