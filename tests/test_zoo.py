@@ -351,3 +351,15 @@ def test_zoo_full(name: str) -> None:
 def test_zoo_lists_every_model() -> None:
     assert set(DEFAULT + SLOW) == set(torchvision.models.list_models())
     assert len(DEFAULT) + len(SLOW) == len(torchvision.models.list_models())
+
+
+def test_conditioned_tolerance_follows_the_pass_policy() -> None:
+    """The sweep's equality bound is the pass's own (fxfuse.verified): 1e-9, or 10·η for a model whose output moves
+    by η under rounding-sized weight noise, never above 1e-6; an unmeasured η leaves 1e-9."""
+    from benchmarks.zoo.checks import conditioned_tolerance
+
+    assert conditioned_tolerance(math.nan) == 1e-9
+    assert conditioned_tolerance(5e-11) == 1e-9
+    assert conditioned_tolerance(7.3e-10) == pytest.approx(7.3e-9)
+    assert conditioned_tolerance(1e-3) == 1e-6
+    assert conditioned_tolerance(math.inf) == 1e-6

@@ -10,7 +10,9 @@ in eval mode and cast to float64 (:mod:`.cases`). Then, per model (:func:`.check
   ``report.capture_reason``); for a sub-module fallback :func:`.checks.export_probe` records why ``torch.export``
   could not capture the whole model and at which line of the model's code it stopped;
 * outputs equal (:func:`fxfuse.verify.compare`): ``max|fused(x) - model(x)| <= 1e-9 · max|model(x)|`` per output
-  tensor, in float64, on ``x`` and on a second input of another batch size (integer outputs, e.g. detection
+  tensor, in float64, on ``x`` and on a second input of another batch size (``10·η``, at most 1e-6, for a model
+  whose output moves by ``η`` > 1e-10 under rounding-sized weight noise: :func:`.checks.conditioned_tolerance`;
+  integer outputs, e.g. detection
   labels, must be equal; output dtypes must not change);
 * structure: no BatchNorm left whose input is a conv/linear node with no other real user
   (:func:`fxfuse.ir.ops.real_users`), in any fx graph of the result (:func:`.checks.unfused_conv_bn`); convs/BNs
