@@ -79,7 +79,7 @@ def expand(model: nn.Module, example_input: Any, *, scheme: SchemeLike, init: st
         if not select(site.name, site.conv):
             report.skipped.append(Skipped(site.name, "not selected by `where`"))
             continue
-        geometry = _geometry(site.conv)
+        geometry = ConvGeometry.of(site.conv)  # (_conv_reason refused an asymmetric padding="same")
         plan = chosen.plan(geometry)
         if plan.post_bn and site.bn is None:  # the Plan contract: a conv without BN gets no BN after the sum
             plan = dataclasses.replace(plan, post_bn=False,
@@ -161,10 +161,6 @@ def _run_float64(model: nn.Module, args: Tuple[Any, ...], report: ExpandReport) 
     except Exception as exc:
         report.warnings.append(f"not verified: the model does not run in float64 ({type(exc).__name__}: {exc})")
         return None
-
-
-def _geometry(conv: nn.Conv2d) -> ConvGeometry:
-    return ConvGeometry.of(conv)  # (_conv_reason refused an asymmetric padding="same")
 
 
 def _conv_reason(mod: nn.Module) -> Optional[str]:

@@ -473,13 +473,12 @@ def linear_after_conv(conv: ConvSpec, size: Sequence[int], rows: Optional[Channe
     one transposed conv of the ``F₂`` rows, ``F₂·C_in·∏size`` entries, the size of the result."""
     n = conv.ndim
     c_out = conv.weight.shape[0]
-    per_position = torch.ones(weight.shape[1] // c_out, dtype=weight.dtype, device=weight.device)
-    conv_rows = (conv.bias[:, None] * per_position).flatten()  # the conv bias of every output feature
+    conv_rows = conv.bias.to(weight).repeat_interleave(weight.shape[1] // c_out)  # the conv bias of every feature
     scaled = weight
     if rows is not None:
         rows = _on(rows, weight)
         scaled, conv_rows = weight * rows.scale, rows.scale * conv_rows + rows.shift
-    grad = scaled.reshape(weight.shape[0], c_out, *_out_size(conv, size))
+    grad = scaled.reshape(weight.shape[0], c_out, *conv.geometry.output_size(size))
     composed = _CONV_INPUT_GRAD[n - 1]([weight.shape[0], conv.weight.shape[1] * conv.groups, *size], conv.weight,
                                        grad, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
     return composed.flatten(1), weight @ conv_rows + bias
@@ -487,12 +486,6 @@ def linear_after_conv(conv: ConvSpec, size: Sequence[int], rows: Optional[Channe
 
 # The adjoint of a conv (its input gradient), by spatial rank: public torch.nn.grad functions.
 _CONV_INPUT_GRAD = (nn_grad.conv1d_input, nn_grad.conv2d_input, nn_grad.conv3d_input)
-
-
-def _out_size(conv: ConvSpec, size: Sequence[int]) -> tuple[int, ...]:
-    """The conv's output spatial size on an input of ``size``."""
-    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
-                 zip(size, conv.padding, conv.dilation, conv.weight.shape[2:], conv.stride))
 
 
 def map_as_pointwise_conv(spec: ConvSpec, ndim: int) -> ConvSpec:

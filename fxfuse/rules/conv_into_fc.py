@@ -64,12 +64,7 @@ class _Side:
 
     def row_affine(self) -> Optional[ChannelAffine]:
         """The affines after the layer as one per-feature affine of its output rows (``None``: there are none)."""
-        total: Optional[ChannelAffine] = None
-        for affine, shape, axis in self.rows:
-            row = folds.affine_on_rows(affine, shape, axis, self.f_out)
-            assert row is not None  # (checked by _read_side)
-            total = row if total is None else folds.affine_then_affine(total, row)
-        return total
+        return _on_rows(self.rows, self.f_out) if self.rows else None
 
     def spec(self) -> ConvSpec:
         """The row map, the affines after the layer folded in (float64)."""
@@ -78,11 +73,23 @@ class _Side:
         else:
             assert self.conv is not None
             spec = folds.conv_as_matrix(self.conv.spec, self.size)
-        for affine, shape, axis in self.rows:
-            row = folds.affine_on_rows(affine, shape, axis, self.f_out)
-            assert row is not None  # (checked by _read_side)
-            spec = folds.conv_then_affine(spec, row)
-        return spec
+        row = self.row_affine()
+        return spec if row is None else folds.conv_then_affine(spec, row)
+
+
+_Affine = Tuple[ChannelAffine, Tuple[int, ...], int]  # (affine, its tensor's shape, its axis)
+
+
+def _on_rows(affines: Sequence[_Affine], features: int) -> ChannelAffine:
+    """``affines`` (bottom up, at least one, each checked by :func:`fxfuse.ir.folds.affine_on_rows`) as one
+    per-feature affine of rows of ``features`` elements."""
+    total: Optional[ChannelAffine] = None
+    for one in affines:
+        row = folds.affine_on_rows(*one, features)
+        assert row is not None  # (checked by the caller)
+        total = row if total is None else folds.affine_then_affine(total, row)
+    assert total is not None
+    return total
 
 
 def _ints(shape: Any) -> Optional[Tuple[int, ...]]:
@@ -163,10 +170,10 @@ def _read_side(ctx: RewriteContext, top: fx.Node) -> Union[_Side, Refusal, None]
         dims = _ints(shape[1:]) if shape is not None else None
         if dims is None or read_affine.axis < 1:
             return Refusal(Reason.AXIS, f"{read_affine.input.name}: an affine whose channels are not fixed per row")
-        if f_out % math.prod(dims[read_affine.axis - 1:]):  # (folds.affine_on_rows: the channel period)
+        rows.append((read_affine.affine, (1, *dims), read_affine.axis))
+        if folds.affine_on_rows(*rows[-1], f_out) is None:
             return Refusal(Reason.AXIS, f"the affine on {read_affine.input.name} is not one per-feature affine of "
                                         f"{layer.name}'s rows (its channel changes from row to row)")
-        rows.append((read_affine.affine, (1, *dims), read_affine.axis))
     for upper, lower in zip(chain, chain[1:]):
         if ctx.single_user(lower) is not upper:
             users = ", ".join(u.name for u in ctx.real_users(lower))
@@ -340,12 +347,11 @@ def _chain(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite]:
         if folded is not None:
             return folded
         refusal = _blocked(ctx, linear.input)
-        viewed = any(is_view(n) for n in _walk(ctx, linear.input)[0][:-1])
-        if refusal is not None and viewed:
+        if refusal is not None and _walk(ctx, linear.input)[2]:
             return ctx.skip(node, refusal.code, f"{node.name} reads a flattened layer output: {refusal.reason}")
         return None
     if isinstance(side, Refusal):
-        if not any(is_view(n) for n in _walk(ctx, linear.input)[0][:-1]):
+        if not _walk(ctx, linear.input)[2]:
             return None  # a Linear on a layer's last axis, not on its flattened output
         return ctx.skip(node, side.code, side.reason)
     if side.conv is None or not side.viewed:
@@ -391,15 +397,14 @@ def _affines_into_linear(ctx: RewriteContext, node: fx.Node) -> Optional[Rewrite
     if not affines or not viewed or in_shape is None or len(in_shape) != 2:
         return None
     f = linear.weight.shape[1]
-    total: Optional[ChannelAffine] = None
+    rows = []
     for read, shape in affines:
         dims = _ints(shape[1:]) if shape is not None else None
-        row = folds.affine_on_rows(read.affine, (1, *dims), read.axis, f) if dims and read.axis >= 1 else None
-        if row is None:
+        rows.append((read.affine, (1, *dims) if dims else (), read.axis))
+        if not dims or read.axis < 1 or folds.affine_on_rows(*rows[-1], f) is None:
             return ctx.skip(node, Reason.AXIS, f"the affine on {read.input.name} is not one per-feature affine of the "
                                                f"rows {node.name} reads")
-        total = row if total is None else folds.affine_then_affine(total, row)
-    assert total is not None
+    total = _on_rows(rows, f)
     for upper, lower in zip(chain, chain[1:-1]):
         if ctx.single_user(lower) is not upper:
             return ctx.skip(node, Reason.OTHER_USERS, f"intermediate {lower.name} has other users")
